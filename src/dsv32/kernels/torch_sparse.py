@@ -1,0 +1,123 @@
+"""Sparse absorbed-MLA attention in plain torch: gather the selected latent rows per block of
+queries and attend only over them. Cost O(T·K·H·C), memory O(T·H·C + block·K·C); no T×S
+tensor is ever built. Forward and backward are a custom autograd Function that saves only
+the inputs, the output and the log-sum-exp (the backward re-gathers, as flash attention does).
+
+Why the buffers: on CPU, allocating a fresh multi-MB tensor per block costs more than the
+gather itself (page faults), so each call allocates its work buffers once and reuses them
+through `out=` variants and in-place ops.
+
+Shapes are those of `reference.py`. Math in float32; results cast back to q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BUDGET_BYTES = 48 * 2**20  # gathered rows per block
+
+
+def _block_size(T: int, K: int, C: int) -> int:
+    return int(max(1, min(T, _BUDGET_BYTES // max(1, K * C * 4))))
+
+
+def _forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int):
+    B, T, H, C = q.shape
+    S, K = kv.shape[1], indices.shape[-1]
+    out = torch.empty(B, T, H, dv, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    if K == 0 or S == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    tb = _block_size(T, K, C)
+    gathered = torch.empty(tb * K, C, dtype=torch.float32, device=q.device)
+    scores = torch.empty(tb, H, K, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        kv_b = kv[b]
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
+            n = t1 - t0
+            idx = indices[b, t0:t1]                       # (n, K)
+            valid = idx >= 0
+            g = gathered[: n * K]
+            torch.index_select(kv_b, 0, idx.clamp(min=0).reshape(-1), out=g)
+            g = g.view(n, K, C)
+            s = scores[:n]
+            torch.bmm(q[b, t0:t1], g.transpose(1, 2), out=s)   # (n, H, K)
+            s.mul_(scale).masked_fill_(~valid[:, None, :], float("-inf"))
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            s.sub_(m).exp_()
+            denom = s.sum(dim=-1, keepdim=True)
+            s.div_(denom.clamp(min=torch.finfo(torch.float32).tiny))
+            torch.bmm(s, g[..., :dv], out=out[b, t0:t1])
+            lse[b, t0:t1] = (m + denom.log()).squeeze(-1)
+    return out, lse
+
+
+def _backward(q, kv, indices, scale, dv, out, lse, dout):
+    B, T, H, C = q.shape
+    S, K = kv.shape[1], indices.shape[-1]
+    dq = torch.zeros(B, T, H, C, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(B, S, C, dtype=torch.float32, device=q.device)
+    if K == 0 or S == 0:
+        return dq, dkv
+    delta = (dout * out).sum(-1)                          # (B, T, H)
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    tb = _block_size(T, K, C)
+    gathered = torch.empty(tb * K, C, dtype=torch.float32, device=q.device)
+    p_buf = torch.empty(tb, H, K, dtype=torch.float32, device=q.device)
+    dp_buf = torch.empty(tb, H, K, dtype=torch.float32, device=q.device)
+    dg_buf = torch.empty(tb, K, C, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        kv_b = kv[b]
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
+            n = t1 - t0
+            idx = indices[b, t0:t1]
+            valid = idx >= 0
+            rows = idx.clamp(min=0).reshape(-1)
+            g = gathered[: n * K]
+            torch.index_select(kv_b, 0, rows, out=g)
+            g = g.view(n, K, C)
+            qb, dob = q[b, t0:t1], dout[b, t0:t1]
+            p = p_buf[:n]
+            torch.bmm(qb, g.transpose(1, 2), out=p)
+            p.mul_(scale).sub_(safe_lse[b, t0:t1, :, None]).exp_()
+            p.masked_fill_(~valid[:, None, :], 0.0)
+            dp = dp_buf[:n]
+            torch.bmm(dob, g[..., :dv].transpose(1, 2), out=dp)       # (n, H, K)
+            dp.sub_(delta[b, t0:t1, :, None]).mul_(p).mul_(scale)      # dS
+            torch.bmm(dp, g, out=dq[b, t0:t1])                         # (n, H, C)
+            dg = dg_buf[:n]
+            torch.bmm(dp.transpose(1, 2), qb, out=dg)                  # (n, K, C)
+            dg[..., :dv].add_(torch.bmm(p.transpose(1, 2), dob))
+            dkv[b].index_add_(0, rows, dg.view(n * K, C))
+    return dq, dkv
+
+
+class _SparseMLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, indices, scale, dv):
+        qf, kvf = q.float().contiguous(), kv.float().contiguous()
+        out, lse = _forward(qf, kvf, indices, scale, dv)
+        ctx.save_for_backward(qf, kvf, indices, out, lse)
+        ctx.scale, ctx.dv, ctx.dtypes = scale, dv, (q.dtype, kv.dtype)
+        ctx.mark_non_differentiable(lse)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qf, kvf, indices, out, lse = ctx.saved_tensors
+        dq, dkv = _backward(qf, kvf, indices, ctx.scale, ctx.dv, out, lse, dout.float().contiguous())
+        return dq.to(ctx.dtypes[0]), dkv.to(ctx.dtypes[1]), None, None, None
+
+
+def sparse_mla_torch(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float,
+                     dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocked-gather sparse attention; see the module docstring for shapes."""
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        return _SparseMLA.apply(q, kv, indices, scale, dv)
+    out, lse = _forward(q.float().contiguous(), kv.float().contiguous(), indices, scale, dv)
+    return out.to(q.dtype), lse

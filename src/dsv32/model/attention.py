@@ -1,0 +1,202 @@
+"""Multi-head Latent Attention with DeepSeek Sparse Attention (SPEC §1-2).
+
+Shape legend: B batch, T queries, S keys (cache + new), H heads, r = kv_lora_rank,
+d_n / d_r / d_v = nope / rope / value head dims, C = r + d_r (one latent row [c_kv ; k_r]).
+
+    c_q = RMSNorm(W_qa x)                  q = W_qb c_q -> (B, T, H, d_n + d_r)
+    [c_kv ; k_r] = W_kva x ; c_kv = RMSNorm(c_kv) ; q_r, k_r = RoPE_interleaved(q_r, k_r)
+
+Four ways to attend, chosen by `AttentionOptions` (see context.py):
+
+* dense, expanded  — keys/values per head from W_kvb c_kv; SDPA (training, prefill);
+* dense, absorbed  — queries absorbed into the latent, SDPA over [c_kv ; k_r] (MQA);
+* sparse, absorbed — the production path: per block of queries the indexer picks top-k key
+  slots, the kernel gathers those latent rows only, and W_uv maps the result back. No T×S
+  score or mask tensor is built, memory is linear in T;
+* sparse, expanded — the dense masked reference (materialises T×S; tests only).
+
+Only [c_kv ; k_r] (and the indexer key) ever go to a cache — never expanded keys or values.
+On CPU attention math runs in float32 whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..config import ModelConfig
+from .context import ForwardContext
+from .indexer import Indexer, allowed_keys
+from .norms import RMSNorm
+from .rope import apply_rope_interleaved
+
+_CHUNK_BUDGET_BYTES = 128 * 2**20   # absorbed queries (B, chunk, H, C) float32 per chunk
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.d_n, self.d_r, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.r = cfg.kv_lora_rank
+        self.topk = cfg.index_topk
+        self.scale = cfg.softmax_scale
+        H = self.n_heads
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (self.d_n + self.d_r), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.r + self.d_r, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.r)
+        self.kv_b_proj = nn.Linear(self.r, H * (self.d_n + self.d_v), bias=False)
+        self.o_proj = nn.Linear(H * self.d_v, cfg.hidden_size, bias=cfg.attention_bias)
+        self.indexer = Indexer(cfg)
+
+    # ------------------------------------------------------------------ projections
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, D) -> c_q (B, T, r_q), q_n (B, T, H, d_n), q_r (B, T, H, d_r),
+        latent (B, T, C) = [c_kv ; k_r] with RoPE applied."""
+        B, T, _ = x.shape
+        c_q = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(c_q).view(B, T, self.n_heads, self.d_n + self.d_r)
+        q_n, q_r = q.split([self.d_n, self.d_r], dim=-1)
+        c_kv, k_r = self.kv_a_proj_with_mqa(x).split([self.r, self.d_r], dim=-1)
+        latent = torch.cat((self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_r, cos, sin)), dim=-1)
+        return c_q, q_n, apply_rope_interleaved(q_r, cos, sin), latent
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk (H, d_n, r) and W_uv (H, d_v, r): the per-head slices of W_kvb."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.d_n + self.d_v, self.r)
+        return w[:, : self.d_n], w[:, self.d_n:]
+
+    def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent (B, S, C) -> keys (B, S, H, d_n + d_r), values (B, S, H, d_v)."""
+        B, S, _ = latent.shape
+        c_kv, k_r = latent.split([self.r, self.d_r], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.d_n + self.d_v)
+        k_n, v = kv.split([self.d_n, self.d_v], dim=-1)
+        k = torch.cat((k_n, k_r[:, :, None, :].expand(B, S, self.n_heads, self.d_r)), dim=-1)
+        return k, v
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        opts = ctx.attention
+        c_q, q_n, q_r, latent = self.project(x, ctx.cos, ctx.sin)
+        k_index = None
+        if opts.sparse or ctx.cache is not None:
+            with torch.no_grad():
+                k_index = self.indexer.keys(x.detach(), ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            latent_all, k_index_all = ctx.cache.update(self.layer_idx, latent, k_index, ctx.q_start)
+        else:
+            latent_all, k_index_all = latent, k_index
+        S = latent_all.shape[1]
+
+        # With backend "auto", a layer in which every query may see all its keys is exactly dense.
+        select = opts.sparse and (S > self.topk or opts.backend != "auto")
+        form = self._form(opts, T, ctx)
+        q_index = w_index = indices = None
+        if opts.sparse and (select or ctx.return_indices or ctx.keep_indexer_inputs):
+            with torch.no_grad():
+                q_index, w_index = self.indexer.queries(x.detach(), c_q.detach(), ctx.cos, ctx.sin)
+            if ctx.keep_indexer_inputs:
+                ctx.indexer_inputs[self.layer_idx] = {"x": x.detach(), "c_q": c_q.detach()}
+            if ctx.return_indices or (select and form == "expanded"):
+                indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid)
+                if ctx.return_indices:
+                    ctx.indices[self.layer_idx] = indices
+
+        if select and form == "absorbed":
+            out = self._sparse_absorbed(q_n, q_r, latent_all, ctx, indices, (q_index, w_index, k_index_all),
+                                        opts.backend)
+        elif select:
+            out = self._sparse_expanded(q_n, q_r, latent_all, indices)
+        elif form == "absorbed":
+            out = self._dense_absorbed(q_n, q_r, latent_all, ctx)
+        else:
+            out = self._dense_expanded(q_n, q_r, latent_all, ctx)
+        q_valid = ctx.query_valid(T)
+        if q_valid is not None:
+            out = out * q_valid[:, :, None, None].to(out.dtype)   # padding queries attend to nothing
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.d_v).to(x.dtype))
+
+    def _form(self, opts, T: int, ctx: ForwardContext) -> str:
+        if opts.form != "auto":
+            return opts.form
+        if opts.sparse or (ctx.cache is not None and T == 1):
+            return "absorbed"
+        return "expanded"
+
+    # ------------------------------------------------------------------ the four paths
+    def _sparse_absorbed(self, q_n, q_r, latent, ctx, indices, selector, backend):
+        """Blocks of queries: select (if not given), absorb, gather-attend, un-absorb."""
+        B, T, H, _ = q_n.shape
+        C = latent.shape[-1]
+        w_uk, w_uv = self.absorbed_weights()
+        compute = torch.float32 if latent.device.type == "cpu" else latent.dtype
+        latent_c = latent.to(compute)
+        chunk = T if torch.is_grad_enabled() else max(1, _CHUNK_BUDGET_BYTES // (4 * B * H * C))
+        outs = []
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            if indices is None:
+                q_index, w_index, k_index = selector
+                idx = self.indexer.select(q_index[:, t0:t1], w_index[:, t0:t1], k_index,
+                                          ctx.q_start + t0, ctx.key_valid)
+            else:
+                idx = indices[:, t0:t1]
+            q_abs = torch.einsum("bthd,hdr->bthr", q_n[:, t0:t1].to(compute), w_uk.to(compute))
+            q_cat = torch.cat((q_abs, q_r[:, t0:t1].to(compute)), dim=-1)
+            o, _ = kernels.sparse_mla(q_cat, latent_c, idx, self.scale, self.r, backend)
+            outs.append(torch.einsum("bthr,hvr->bthv", o, w_uv.to(compute)))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def _sparse_expanded(self, q_n, q_r, latent, indices):
+        k, v = self.expand(latent)
+        q = torch.cat((q_n, q_r), dim=-1)
+        mask = kernels.indices_to_mask(indices, latent.shape[1])
+        out, _ = kernels.masked_attention(q, k, v, mask, self.scale)
+        return out
+
+    def _dense_mask(self, ctx: ForwardContext, T: int, S: int, device) -> torch.Tensor | None:
+        """None when plain causal (is_causal) applies, else a bool (B|1, 1, T, S) mask in which
+        a query may always see itself, so padding rows stay finite (they are zeroed later)."""
+        if ctx.key_valid is None and ctx.q_start == 0 and T == S:
+            return None
+        q_slots = torch.arange(ctx.q_start, ctx.q_start + T, device=device)
+        allowed = allowed_keys(S, q_slots, ctx.key_valid)
+        allowed = allowed | (torch.arange(S, device=device)[None, None, :] == q_slots[None, :, None])
+        return allowed[:, None]
+
+    def _dense_expanded(self, q_n, q_r, latent, ctx):
+        B, T, H, _ = q_n.shape
+        S = latent.shape[1]
+        k, v = self.expand(latent)
+        q = torch.cat((q_n, q_r), dim=-1)
+        compute = torch.float32 if q.device.type == "cpu" else q.dtype
+        dqk = self.d_n + self.d_r
+        # The fused CPU SDPA kernel needs equal q/k/v head dims; zero-pad v and drop the pad after.
+        v = F.pad(v, (0, dqk - self.d_v)) if self.d_v < dqk else v
+        mask = self._dense_mask(ctx, T, S, q.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2).to(compute), k.transpose(1, 2).to(compute), v.transpose(1, 2).to(compute),
+            attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return out.transpose(1, 2)[..., : self.d_v]
+
+    def _dense_absorbed(self, q_n, q_r, latent, ctx):
+        B, T, H, _ = q_n.shape
+        S = latent.shape[1]
+        w_uk, w_uv = self.absorbed_weights()
+        compute = torch.float32 if latent.device.type == "cpu" else latent.dtype
+        q_abs = torch.einsum("bthd,hdr->bthr", q_n.to(compute), w_uk.to(compute))
+        q = torch.cat((q_abs, q_r.to(compute)), dim=-1).transpose(1, 2)       # (B, H, T, C)
+        kv = latent.to(compute)[:, None]                                       # (B, 1, S, C)
+        mask = self._dense_mask(ctx, T, S, q.device)
+        # Values are the whole latent row so q/k/v dims match (fused kernel); keep the c_kv part.
+        o = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, is_causal=mask is None,
+                                           scale=self.scale, enable_gqa=True)
+        o = o.transpose(1, 2)[..., : self.r]
+        return torch.einsum("bthr,hvr->bthv", o, w_uv.to(compute))

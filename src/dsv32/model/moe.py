@@ -1,0 +1,171 @@
+"""DeepSeekMoE (SPEC §3): sigmoid router with group-limited top-k and a selection-only bias,
+routed SwiGLU experts, shared experts, and the dense SwiGLU MLP of the first layers.
+
+    s  = sigmoid(x W_g^T) (float32);  s' = s + e_score_correction_bias (selection only)
+    group score = sum of the top-2 s' per group; keep topk_group groups; top-k experts on s'
+    weights = s[selected] / sum (if norm_topk_prob) * routed_scaling_factor
+    y = sum_e weights_e * SwiGLU_e(x) + SwiGLU_shared(x)
+
+Routing can be recorded (the chosen expert ids per token) and replayed (given ids, the gate
+weights are recomputed on those experts), which GRPO's "keep routing" needs.
+
+Expert weights are stored stacked, (E, I, D) / (E, D, I); the checkpoint key map splits them
+into the per-expert keys of the HF layout. Dispatch is a loop over experts that received
+tokens (sort by expert, one matmul pair per expert): simple and fast enough on CPU; grouped
+GEMM kernels are left to a GPU backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .context import ForwardContext
+
+
+class Float32Params(nn.Module):
+    """A module whose parameters and buffers stay float32 under `.to(dtype)` (the router and
+    the indexer's head weights are kept in float32 by both reference implementations)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for t in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False)):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None, layer_idx: int = -1) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(Float32Params):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.num_experts = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid affinities s (N, E) float32."""
+        return torch.sigmoid(F.linear(x.float(), self.weight.float()))
+
+    def select(self, s: torch.Tensor) -> torch.Tensor:
+        """Expert ids (N, top_k) by group-limited top-k on s + bias."""
+        choice = s.detach() + self.e_score_correction_bias
+        N = choice.shape[0]
+        if self.n_group > 1:
+            grouped = choice.view(N, self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)              # (N, G)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            dropped = torch.ones(N, self.n_group, dtype=torch.bool, device=s.device).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(N, -1)
+        return choice.topk(self.top_k, dim=-1).indices
+
+    def weights(self, s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        w = s.gather(1, ids)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.scale
+
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None):
+        """x (N, D) -> (weights (N, k) float32, ids (N, k) int64, s (N, E) float32)."""
+        s = self.scores(x)
+        if replay is None:
+            ids = self.select(s)
+        else:
+            if replay.shape != (x.shape[0], self.top_k):
+                raise ValueError(f"replayed routing must have shape {(x.shape[0], self.top_k)}, "
+                                 f"got {tuple(replay.shape)}")
+            ids = replay.to(device=x.device, dtype=torch.long)
+        return self.weights(s, ids), ids, s
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        xs = x[token]
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            seg = xs[start:start + c]
+            h = F.silu(seg @ self.gate_proj[e].t()) * (seg @ self.up_proj[e].t())
+            outs.append(h @ self.down_proj[e].t())
+            start += c
+        ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None, layer_idx: int = -1) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        replay = None
+        if ctx is not None and ctx.replay_routing is not None and layer_idx in ctx.replay_routing:
+            replay = ctx.replay_routing[layer_idx].reshape(B * T, -1)
+        weights, ids, s = self.gate(flat, replay)
+        y = self.experts(flat, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if ctx is not None:
+            self._record(ctx, layer_idx, ids, s, B, T)
+        return y.view(B, T, D)
+
+    def _record(self, ctx: ForwardContext, layer_idx: int, ids: torch.Tensor, s: torch.Tensor,
+                B: int, T: int) -> None:
+        valid = ctx.query_valid(T)
+        if ctx.record_routing:
+            ctx.routing[layer_idx] = ids.view(B, T, -1).detach()
+        with torch.no_grad():
+            counted = ids if valid is None else ids[valid.reshape(-1)]
+            ctx.expert_load[layer_idx] = torch.bincount(counted.reshape(-1), minlength=self.num_experts)
+        if ctx.balance_alpha > 0:
+            ctx.balance_loss[layer_idx] = ctx.balance_alpha * sequence_balance_loss(
+                s.view(B, T, -1), ids.view(B, T, -1), self.top_k, valid)
+
+
+def sequence_balance_loss(s: torch.Tensor, ids: torch.Tensor, top_k: int,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (without alpha), averaged over the
+    batch: sum_i f_i P_i with f_i = E/(k T) * #tokens choosing i, P_i = mean_t s_i / sum_j s_j.
+    s (B, T, E) float32, ids (B, T, k), valid (B, T) bool or None."""
+    B, T, E = s.shape
+    m = torch.ones(B, T, device=s.device) if valid is None else valid.float()
+    n = m.sum(1).clamp(min=1)                                               # (B,)
+    chosen = torch.zeros(B, T, E, device=s.device).scatter_(-1, ids, 1.0)
+    f = (chosen * m[..., None]).sum(1) * E / (top_k * n[:, None])          # (B, E)
+    p = ((s / s.sum(-1, keepdim=True)) * m[..., None]).sum(1) / n[:, None]  # (B, E)
+    return (f * p).sum(-1).mean()
