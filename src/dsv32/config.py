@@ -95,6 +95,10 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+            rs = self.rope_scaling
+            if rs["rope_type"] == "yarn" and rs.get("factor") is None and rs.get("original_max_position_embeddings"):
+                # The release convention: no factor means max_position_embeddings / original.
+                rs["factor"] = self.max_position_embeddings / rs["original_max_position_embeddings"]
         if self.mlp_layer_types is None:
             self.mlp_layer_types = [
                 "sparse" if (i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0) else "dense"
