@@ -14,7 +14,7 @@ makes all three policies share one action space, so the ratios and the KL compar
 A kept set is given in one of two forms:
 
 * boolean (B, T, V): True where a token is kept;
-* compact (B, T, K) int64 token ids, padded with -1 — what the sampler records (K << V).
+* compact (B, T, K) int64 (or int32) token ids, padded with -1 — what the sampler records (K << V).
   Ids must be unique within a position.
 
 A position whose kept set is empty (typically prompt or padding positions, for which the sampler
