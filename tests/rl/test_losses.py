@@ -216,7 +216,7 @@ def naive_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, estimator, de
     seq_terms, total, n_tokens = [], 0.0, 0
     for i in range(B):
         toks = [j for j in range(T) if mask[i, j]]
-        drift = sum(float(old[i, j] - logp[i, j]) for j in toks) / max(len(toks), 1)
+        drift = sum(float(old[i, j] - logp[i, j].detach()) for j in toks) / max(len(toks), 1)
         m_i = 0.0 if (delta is not None and adv[i] < 0 and drift > delta) else 1.0
         seq = 0.0
         for j in toks:
@@ -239,6 +239,7 @@ def loss_case(seed=0):
     logp = (-torch.rand(B, T, generator=gen, dtype=F64) * 2).requires_grad_()
     old = logp.detach() + 0.4 * torch.randn(B, T, generator=gen, dtype=F64)
     old[0] = logp[0].detach() + 0.5             # seq 0 drifted: masked for delta = 0.3 (A < 0)
+    old[3] = logp[3].detach() - 0.4             # seq 3: r = 1.49 with A > 0, clipped high
     ref = logp.detach() + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
     adv = t([-1.0, 0.5, -0.5, 1.0])
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
@@ -258,6 +259,7 @@ def test_grpo_loss_matches_naive_formula(estimator, delta, aggregation):
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(grad, want_grad)
     assert metrics["masked_frac"].item() == (0.25 if delta else 0.0)
+    assert metrics["clip_frac_low"] > 0 and metrics["clip_frac_high"] > 0    # both clip sides exercised
     assert ("kl_mean" in metrics) == (estimator != "none")
     for v in metrics.values():
         assert v.ndim == 0 and not v.requires_grad
