@@ -24,15 +24,15 @@ def _block_size(T: int, K: int, C: int) -> int:
 def _forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int):
     B, T, H, C = q.shape
     S, K = kv.shape[1], indices.shape[-1]
-    out = torch.empty(B, T, H, dv, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    out = torch.zeros(B, T, H, dv, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, T, H), float("-inf"), dtype=torch.float32, device=q.device)
     if K == 0 or S == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
         return out, lse
+    qs = q * scale                                        # fold the scale into the small operand
     tb = _block_size(T, K, C)
     gathered = torch.empty(tb * K, C, dtype=torch.float32, device=q.device)
     scores = torch.empty(tb, H, K, dtype=torch.float32, device=q.device)
+    tiny = torch.finfo(torch.float32).tiny
     for b in range(B):
         kv_b = kv[b]
         for t0 in range(0, T, tb):
@@ -44,14 +44,16 @@ def _forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: fl
             torch.index_select(kv_b, 0, idx.clamp(min=0).reshape(-1), out=g)
             g = g.view(n, K, C)
             s = scores[:n]
-            torch.bmm(q[b, t0:t1], g.transpose(1, 2), out=s)   # (n, H, K)
-            s.mul_(scale).masked_fill_(~valid[:, None, :], float("-inf"))
+            torch.bmm(qs[b, t0:t1], g.transpose(1, 2), out=s)   # (n, H, K)
+            if not bool(valid.all()):                     # only the first queries of a prefill
+                s.masked_fill_(~valid[:, None, :], float("-inf"))
             m = s.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            m.masked_fill_(torch.isinf(m), 0.0)
             s.sub_(m).exp_()
-            denom = s.sum(dim=-1, keepdim=True)
-            s.div_(denom.clamp(min=torch.finfo(torch.float32).tiny))
-            torch.bmm(s, g[..., :dv], out=out[b, t0:t1])
+            denom = s.sum(dim=-1, keepdim=True)           # (n, H, 1)
+            o = out[b, t0:t1]
+            torch.bmm(s, g[..., :dv], out=o)
+            o.div_(denom.clamp(min=tiny))                 # normalise the (H, dv) output, not (H, K) probs
             lse[b, t0:t1] = (m + denom.log()).squeeze(-1)
     return out, lse
 
@@ -63,8 +65,9 @@ def _backward(q, kv, indices, scale, dv, out, lse, dout):
     dkv = torch.zeros(B, S, C, dtype=torch.float32, device=q.device)
     if K == 0 or S == 0:
         return dq, dkv
+    qs = q * scale
     delta = (dout * out).sum(-1)                          # (B, T, H)
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    safe_lse = lse.masked_fill(torch.isinf(lse), 0.0)
     tb = _block_size(T, K, C)
     gathered = torch.empty(tb * K, C, dtype=torch.float32, device=q.device)
     p_buf = torch.empty(tb, H, K, dtype=torch.float32, device=q.device)
@@ -81,20 +84,21 @@ def _backward(q, kv, indices, scale, dv, out, lse, dout):
             g = gathered[: n * K]
             torch.index_select(kv_b, 0, rows, out=g)
             g = g.view(n, K, C)
-            qb, dob = q[b, t0:t1], dout[b, t0:t1]
+            qb, dob = qs[b, t0:t1], dout[b, t0:t1]
             p = p_buf[:n]
             torch.bmm(qb, g.transpose(1, 2), out=p)
-            p.mul_(scale).sub_(safe_lse[b, t0:t1, :, None]).exp_()
-            p.masked_fill_(~valid[:, None, :], 0.0)
+            p.sub_(safe_lse[b, t0:t1, :, None]).exp_()
+            if not bool(valid.all()):
+                p.masked_fill_(~valid[:, None, :], 0.0)
             dp = dp_buf[:n]
             torch.bmm(dob, g[..., :dv].transpose(1, 2), out=dp)       # (n, H, K)
-            dp.sub_(delta[b, t0:t1, :, None]).mul_(p).mul_(scale)      # dS
+            dp.sub_(delta[b, t0:t1, :, None]).mul_(p)                  # dS / scale
             torch.bmm(dp, g, out=dq[b, t0:t1])                         # (n, H, C)
             dg = dg_buf[:n]
             torch.bmm(dp.transpose(1, 2), qb, out=dg)                  # (n, K, C)
             dg[..., :dv].add_(torch.bmm(p.transpose(1, 2), dob))
             dkv[b].index_add_(0, rows, dg.view(n * K, C))
-    return dq, dkv
+    return dq.mul_(scale), dkv
 
 
 class _SparseMLA(torch.autograd.Function):
