@@ -1,50 +1,193 @@
 """Latent KV cache: per layer only what V3.2 needs — the MLA latent row [c_kv ; k_r]
 (r_kv + d_r numbers per token) and the indexer key (d_I) — never expanded keys or values.
 
-The model talks to a cache through four members: `length` (slots already filled, the same for
-every row), `key_valid` ((B, length) bool, or None when every slot is a real token), `begin`
-/ `commit` around a forward call, and `update(layer, latent, k_index, start)`, which stores
-the new rows at slots start.. and returns all rows so far.
+Two forms:
+
+* `LatentCache` grows by concatenation (no size to choose up front);
+* `StaticLatentCache` preallocates (max_batch, max_length) and writes in place.
+
+Both can store c_kv and the indexer key in FP8 e4m3 with one power-of-two scale per 128
+values, as production does (k_r stays in the cache dtype, as in FlashMLA's FP8 layout).
+This is simulated: reads dequantise to the compute dtype, which on CPU costs one O(L)
+elementwise pass per step; a GPU kernel would read the FP8 rows directly.
+
+The model talks to a cache through: `length` (slots filled, equal for every row),
+`key_valid` ((B, length) bool, or None when every slot is a real token), `begin`/`commit`
+around a forward call, and `update(layer, latent, k_index, start)`, which stores the new rows
+at slots start.. and returns all rows so far as (B, S, C) and (B, S, d_I).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..config import ModelConfig
+
+_FP8_BLOCK = 128
+_FP8_MAX = 448.0
+
+
+def _fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., d) -> (fp8 (..., d), scale (..., ceil(d/128)) float32), power-of-two scales."""
+    d = x.shape[-1]
+    nblk = -(-d // _FP8_BLOCK)
+    padded = torch.nn.functional.pad(x.float(), (0, nblk * _FP8_BLOCK - d))
+    blocks = padded.view(*x.shape[:-1], nblk, _FP8_BLOCK)
+    amax = blocks.abs().amax(-1).clamp(min=1e-4)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / _FP8_MAX)))
+    q = (blocks / scale[..., None]).to(torch.float8_e4m3fn).view(*x.shape[:-1], nblk * _FP8_BLOCK)[..., :d]
+    return q.contiguous(), scale
+
+
+def _fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    d = q.shape[-1]
+    s = scale.repeat_interleave(_FP8_BLOCK, dim=-1)[..., :d]
+    return (q.float() * s).to(dtype)
+
 
 class LatentCache:
-    """A growing cache (concatenates per call)."""
+    """A growing latent cache. `fp8=True` stores c_kv and the indexer key in FP8 e4m3."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-        self.latent: list[torch.Tensor | None] = [None] * num_layers
-        self.k_index: list[torch.Tensor | None] = [None] * num_layers
+    def __init__(self, cfg: ModelConfig, *, fp8: bool = False) -> None:
+        self.cfg = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.r = cfg.kv_lora_rank
+        self.fp8 = fp8
         self.key_valid: torch.Tensor | None = None
         self.length = 0
         self._pending: torch.Tensor | None = None
-        self._pending_len = 0
+        self._store: list[dict[str, torch.Tensor] | None] = [None] * self.num_layers
 
+    # ----------------------------------------------------------------- storage format
+    def _encode(self, latent: torch.Tensor, k_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.fp8:
+            return {"latent": latent, "k_index": k_index.to(latent.dtype)}
+        c_kv, k_r = latent[..., : self.r], latent[..., self.r:]
+        ckv_q, ckv_s = _fp8_quantize(c_kv)
+        ki_q, ki_s = _fp8_quantize(k_index)
+        return {"c_kv": ckv_q, "c_kv_scale": ckv_s, "k_r": k_r.contiguous(), "k_index": ki_q,
+                "k_index_scale": ki_s}
+
+    def _decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fp8:
+            return parts["latent"], parts["k_index"].float()
+        c_kv = _fp8_dequantize(parts["c_kv"], parts["c_kv_scale"], dtype)
+        latent = torch.cat((c_kv, parts["k_r"].to(dtype)), dim=-1)
+        return latent, _fp8_dequantize(parts["k_index"], parts["k_index_scale"], torch.float32)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in one layer's cache."""
+        cfg = self.cfg
+        elt = torch.tensor([], dtype=self._dtype()).element_size()
+        if not self.fp8:
+            return (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim) * elt
+        scales = 4 * (-(-cfg.kv_lora_rank // _FP8_BLOCK) + -(-cfg.index_head_dim // _FP8_BLOCK))
+        return cfg.kv_lora_rank + cfg.index_head_dim + cfg.qk_rope_head_dim * elt + scales
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored tokens (all layers, all rows)."""
+        total = 0
+        for parts in self._store:
+            if parts is not None:
+                total += sum(t.numel() * t.element_size() for t in parts.values())
+        return total
+
+    def _dtype(self) -> torch.dtype:
+        for parts in self._store:
+            if parts is not None:
+                return (parts["latent"] if not self.fp8 else parts["k_r"]).dtype
+        return torch.float32
+
+    # ----------------------------------------------------------------- model protocol
     def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
-        self._pending, self._pending_len = new_valid, T
+        if self.key_valid is not None and self.key_valid.shape[0] != batch:
+            raise ValueError(f"cache holds {self.key_valid.shape[0]} rows, the call has {batch}")
+        self._pending = new_valid
 
     def update(self, layer: int, latent: torch.Tensor, k_index: torch.Tensor, start: int):
         if start != self.length:
             raise ValueError(f"cache holds {self.length} tokens but the call starts at slot {start}")
-        if self.latent[layer] is None:
-            self.latent[layer], self.k_index[layer] = latent, k_index
-        else:
-            self.latent[layer] = torch.cat((self.latent[layer], latent), dim=1)
-            self.k_index[layer] = torch.cat((self.k_index[layer], k_index), dim=1)
-        return self.latent[layer], self.k_index[layer]
+        new = self._encode(latent, k_index)
+        old = self._store[layer]
+        self._store[layer] = new if old is None else {k: torch.cat((old[k], v), dim=1) for k, v in new.items()}
+        return self._decode(self._store[layer], latent.dtype)
 
     def commit(self, T: int) -> None:
         new = self._pending
         if new is not None or self.key_valid is not None:
-            B = (new if new is not None else self.key_valid).shape[0]
-            device = (new if new is not None else self.key_valid).device
-            old = self.key_valid if self.key_valid is not None else torch.ones(B, self.length, dtype=torch.bool,
-                                                                               device=device)
-            new = new if new is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            ref = new if new is not None else self.key_valid
+            old = self.key_valid if self.key_valid is not None else torch.ones(
+                ref.shape[0], self.length, dtype=torch.bool, device=ref.device)
+            new = new if new is not None else torch.ones(ref.shape[0], T, dtype=torch.bool, device=ref.device)
             self.key_valid = torch.cat((old, new), dim=1)
+        self.length += T
+        self._pending = None
+
+
+class StaticLatentCache(LatentCache):
+    """A preallocated cache of (max_batch, max_length) slots per layer, written in place.
+    A call may use fewer rows than max_batch; every call must use the same number."""
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_length: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", fp8: bool = False) -> None:
+        super().__init__(cfg, fp8=fp8)
+        if max_batch <= 0 or max_length <= 0:
+            raise ValueError(f"max_batch and max_length must be positive, got {max_batch}, {max_length}")
+        if max_length > cfg.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        self.max_batch, self.max_length = max_batch, max_length
+        C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        template = self._encode(torch.zeros(1, 1, C, dtype=dtype, device=device),
+                                torch.zeros(1, 1, cfg.index_head_dim, device=device))
+        self._store = [{k: torch.zeros(max_batch, max_length, *v.shape[2:], dtype=v.dtype, device=device)
+                        for k, v in template.items()} for _ in range(self.num_layers)]
+        self._valid = torch.ones(max_batch, max_length, dtype=torch.bool, device=device)
+        self._any_padding = False
+        self._rows = None
+
+    def nbytes(self) -> int:
+        if self._rows is None:
+            return 0
+        per_slot = sum(t[0, 0].numel() * t.element_size() for t in self._store[0].values())
+        return per_slot * self._rows * self.length * self.num_layers
+
+    def _dtype(self) -> torch.dtype:
+        return self._store[0]["latent" if not self.fp8 else "k_r"].dtype
+
+    @property
+    def key_valid(self) -> torch.Tensor | None:
+        if not self._any_padding or self._rows is None:
+            return None
+        return self._valid[: self._rows, : self.length]
+
+    @key_valid.setter
+    def key_valid(self, value) -> None:  # set by the base __init__ only
+        if value is not None:
+            raise AttributeError("StaticLatentCache tracks validity itself")
+
+    def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
+        if self._rows is not None and batch != self._rows:
+            raise ValueError(f"cache holds {self._rows} rows, the call has {batch}")
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
+        if self.length + T > self.max_length:
+            raise ValueError(f"{self.length} cached + {T} new tokens exceed the cache's max_length {self.max_length}")
+        self._rows = batch
+        self._pending = new_valid
+
+    def update(self, layer: int, latent: torch.Tensor, k_index: torch.Tensor, start: int):
+        if start != self.length:
+            raise ValueError(f"cache holds {self.length} tokens but the call starts at slot {start}")
+        B, T, _ = latent.shape
+        store = self._store[layer]
+        for k, v in self._encode(latent, k_index).items():
+            store[k][:B, start:start + T] = v
+        view = {k: v[:B, : start + T] for k, v in store.items()}
+        return self._decode(view, latent.dtype)
+
+    def commit(self, T: int) -> None:
+        if self._pending is not None:
+            self._valid[: self._rows, self.length: self.length + T] = self._pending
+            self._any_padding = self._any_padding or not bool(self._pending.all())
         self.length += T
         self._pending = None
