@@ -11,9 +11,9 @@ the reference answer. Any correct expression earns the reward, so the scorer VER
 instead of comparing strings: `parse_expression` is a small recursive-descent parser over
 integers, + - * / and parentheses (no eval, no `ast`, nothing else accepted — no names,
 calls, unary minus or exponentiation), capped at `MAX_EXPRESSION_CHARS` and 32 levels of
-parentheses so a hostile completion cannot cost much. The expression is evaluated in exact rational arithmetic, so
-5/2*2 is 5 (as on the show's scratchpad, intermediate fractions are not forbidden), and a
-division by zero scores 0.
+parentheses so a hostile completion cannot cost much. The expression is evaluated in exact
+rational arithmetic; unlike the TV show, and like the usual RL Countdown rewards, fractional
+intermediate results are allowed (7/2*2 reaches 7). A division by zero scores 0.
 """
 
 from __future__ import annotations
