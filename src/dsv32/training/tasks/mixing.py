@@ -1,0 +1,122 @@
+"""Corpus text interleaved with long-context retrieval examples, for pretraining.
+
+    corpus = PackedSequences(stdlib_documents(), ByteTokenizer(), seq_len=4096)
+    mixed = MixedSequences(corpus, ByteTokenizer(), task_fraction=0.2)
+    batch = mixed.next_batch(8)                   # (8, 4096) int64
+
+Each sequence is, with probability `task_fraction`, one retrieval example — `prompt + answer`
+as a single text, `[BOS] text EOS`, at a random needle depth — sized to fill the sequence
+but for a few bytes, which are topped up with the next corpus tokens; otherwise it is the
+next corpus sequence. No token is padding, so every position carries loss, and the corpus
+stream is consumed in order, so its exactly-once-per-epoch coverage is kept.
+
+What each sequence is, and every random choice in it, is a function of (seed, sequence
+index), so the state is the index plus the corpus sampler's state.
+
+Deliberately left out: loss masks that train only on answers (this is pretraining data, where
+every token counts), and sizing examples in the tokens of a subword tokenizer — examples are
+sized in bytes, so with such a tokenizer an example is shorter in tokens and more of its
+sequence is corpus text.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ...tokenizer import Tokenizer
+from ..data import PackedSequences
+from .registry import TASKS
+
+__all__ = ["MixedSequences"]
+
+RETRIEVAL_TASKS = tuple(name for name, task in TASKS.items() if task.kind == "retrieval")
+# Bytes left for the answer after the prompt; answers are at most 30 digits (passkey digits<=30).
+_ANSWER_ROOM = 32
+
+
+class MixedSequences:
+    """An endless, deterministic, resumable stream of (seq_len,) int64 sequences mixing
+    `corpus` (whose seq_len is used; this object takes tokens from it) with retrieval tasks.
+
+    `task_options` maps a task name to extra arguments for its make_example (e.g.
+    {"variable_tracking": {"hops": 2}}).
+    """
+
+    def __init__(self, corpus: PackedSequences, tokenizer: Tokenizer, *, task_fraction: float = 0.25,
+                 tasks: Sequence[str] = RETRIEVAL_TASKS,
+                 task_options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0) -> None:
+        if isinstance(task_fraction, bool) or not isinstance(task_fraction, (int, float)) \
+                or not 0.0 <= task_fraction <= 1.0:
+            raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction!r}")
+        if isinstance(tasks, str) or not tasks or any(t not in RETRIEVAL_TASKS for t in tasks):
+            raise ValueError(f"tasks must be a non-empty list of retrieval tasks from {list(RETRIEVAL_TASKS)}, "
+                             f"got {tasks!r}")
+        options = {name: dict(opts) for name, opts in (task_options or {}).items()}
+        if set(options) - set(tasks):
+            raise ValueError(f"task_options names tasks not in tasks={list(tasks)}: "
+                             f"{sorted(set(options) - set(tasks))}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.corpus = corpus
+        self.tokenizer = tokenizer
+        self.seq_len = corpus.seq_len
+        self.task_fraction = float(task_fraction)
+        self.tasks = list(tasks)
+        self.task_options = options
+        self.seed = seed
+        self._index = 0
+        self._length = self.seq_len - 1 - int(corpus.add_bos) - _ANSWER_ROOM  # EOS, BOS, answer
+        for name in self.tasks:  # minimum lengths are deterministic: one try tells
+            try:
+                TASKS[name].make_example(random.Random(0), self._length, 0.5, **options.get(name, {}))
+            except ValueError as e:
+                raise ValueError(f"seq_len={self.seq_len} is too short for task {name!r} (it leaves "
+                                 f"{self._length} bytes for the prompt): {e}") from None
+            except TypeError as e:
+                raise ValueError(f"task_options[{name!r}] has an argument its make_example does not "
+                                 f"take: {e}") from None
+
+    def __iter__(self) -> "MixedSequences":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        rng = random.Random(f"dsv32-mix/{self.seed}/{self._index}")
+        self._index += 1
+        if rng.random() >= self.task_fraction:
+            return self.corpus.take(self.seq_len)
+        name = rng.choice(self.tasks)
+        example = TASKS[name].make_example(rng, self._length, rng.random(), **self.task_options.get(name, {}))
+        ids = self.tokenizer.encode(example.text, add_bos=self.corpus.add_bos, add_eos=True)
+        if len(ids) > self.seq_len:
+            raise ValueError(f"a {name} example of {self._length} bytes became {len(ids)} tokens, more "
+                             f"than seq_len={self.seq_len}; this tokenizer makes more tokens than bytes")
+        return torch.cat([torch.tensor(ids, dtype=torch.int64), self.corpus.take(self.seq_len - len(ids))])
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """(batch_size, seq_len) int64."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return torch.stack([next(self) for _ in range(batch_size)])
+
+    def _settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "task_fraction": self.task_fraction, "tasks": self.tasks,
+                "task_options": self.task_options}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self._index, "corpus": self.corpus.state_dict(), **self._settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = {"index", "corpus", *self._settings()}
+        if set(state) != expected:
+            raise ValueError(f"state must have keys {sorted(expected)}, got {sorted(state)}")
+        for key, value in self._settings().items():
+            if state[key] != value:
+                raise ValueError(f"state was saved with {key}={state[key]!r} but this mix has "
+                                 f"{key}={value!r}; resume with the same settings")
+        if not (isinstance(state["index"], int) and state["index"] >= 0):
+            raise ValueError(f"state['index'] must be a non-negative integer, got {state['index']!r}")
+        self.corpus.load_state_dict(state["corpus"])
+        self._index = state["index"]
