@@ -28,33 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-R_KV, D_R, D_N, D_V, H_I, D_I, R_Q = 512, 64, 128, 128, 64, 128, 1536
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+from common import D_I, D_N, D_R, D_V, H_I, R_KV, build_layer, matmul_peak, peak_bytes, rss_bytes
 
 
 def flops(T: int, H: int, k: int) -> dict[str, float]:
@@ -64,23 +44,6 @@ def flops(T: int, H: int, k: int) -> dict[str, float]:
             "dense_absorbed": 2 * H * pairs * (2 * R_KV + D_R),
             "sparse": 2 * H * kept * (2 * R_KV + D_R),
             "indexer": 2 * pairs * H_I * (D_I + 1)}
-
-
-def build_layer(H: int, hidden: int, topk: int):
-    from dsv32 import ModelConfig
-    from dsv32.model.attention import MLA
-    cfg = ModelConfig(hidden_size=hidden, num_attention_heads=H, q_lora_rank=R_Q, kv_lora_rank=R_KV,
-                      qk_nope_head_dim=D_N, qk_rope_head_dim=D_R, v_head_dim=D_V, index_n_heads=H_I,
-                      index_head_dim=D_I, index_topk=topk, num_hidden_layers=1, vocab_size=256,
-                      max_position_embeddings=1 << 17, dtype="float32", intermediate_size=256,
-                      moe_intermediate_size=64, n_routed_experts=8, n_group=1, topk_group=1,
-                      num_experts_per_tok=2)
-    torch.manual_seed(0)
-    layer = MLA(cfg, 0).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.02)
-    return cfg, layer
 
 
 def timed(fn):

@@ -107,6 +107,73 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(spec: str, *, dtype: str | None = None, device: str = "cpu", seed: int = 0):
+    """A checkpoint folder, or a preset name (random weights, seeded) for trying things out."""
+    from .checkpoint import load_pretrained
+    from .config import PRESETS, ModelConfig
+    from .model import DSV32ForCausalLM
+    if Path(spec).is_dir():
+        return load_pretrained(spec, dtype=dtype, device=device)
+    if spec in PRESETS:
+        model = DSV32ForCausalLM(ModelConfig.preset(spec))
+        model.init_weights(seed=seed)
+        return model.to(device)
+    raise UserError(f"--model {spec!r} is neither a checkpoint folder nor a preset ({', '.join(sorted(PRESETS))})")
+
+
+def _tokenizer_for(model_spec: str, name: str | None):
+    from .tokenizer import load_tokenizer
+    if name is None:
+        folder = Path(model_spec)
+        name = str(folder) if (folder / "tokenizer.json").is_file() else "byte"
+    return load_tokenizer(name)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .inference import generate
+    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed).eval()
+    tok = _tokenizer_for(args.model, args.tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {model.config.vocab_size}")
+    prompts = args.prompt or [sys.stdin.read()]
+    ids = [tok.encode(p, add_bos=args.bos and tok.bos_id is not None) for p in prompts]
+    single = len(ids) == 1
+    stops = [tok.eos_id] + [tok.encode(s)[0] for s in args.stop if tok.encode(s)]
+    shown = {"chars": 0, "done": None}
+    pieces: list[int] = []
+
+    def stream(step: int, tokens: "torch.Tensor", finished: "torch.Tensor") -> None:
+        # Only the single-prompt case streams; text appears as soon as its bytes form characters.
+        if step == 0:
+            sys.stdout.write(prompts[0])
+        if shown["done"] is None or not shown["done"]:
+            pieces.append(int(tokens[0]))
+        shown["done"] = bool(finished[0])
+        text = tok.decode(pieces).rstrip("\ufffd")
+        sys.stdout.write(text[shown["chars"]:])
+        sys.stdout.flush()
+        shown["chars"] = len(text)
+
+    start = time.perf_counter()
+    res = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_tokens=stops, stream=stream if single else None,
+                   fp8_cache=args.fp8_cache)
+    seconds = time.perf_counter() - start
+    n = int(res.lengths.sum())
+    if single:
+        sys.stdout.write(tok.decode(res.completions()[0])[shown["chars"]:] + "\n")
+    else:
+        for p, c in zip(prompts, res.completions()):
+            print(f"--- {p!r}\n{p}{tok.decode(c)}")
+    print(f"[{n} tokens in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} tokens/s; "
+          f"finish: {', '.join(res.finish_reason)}]", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(out_dir=args.out, seed=args.seed)
@@ -136,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target dtype; fp8 writes block-wise e4m3 weights (default: the config's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
     p.add_argument("--drop-mtp", action="store_true", help="leave out the MTP layers")
+
+    p = verb("generate", "generate text from a checkpoint (or a preset), streaming to the terminal", _cmd_generate)
+    p.add_argument("--model", required=True, help="checkpoint folder, or a preset name (random weights)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: stdin)")
+    p.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer.json / folder (default: the "
+                                                     "model folder's tokenizer.json, else byte)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="also stop at this string's first token")
+    p.add_argument("--bos", action="store_true", help="prepend the BOS token")
+    p.add_argument("--fp8-cache", action="store_true", help="store the latent cache in simulated FP8")
+    p.add_argument("--dtype", default=None, help="parameter dtype (default float32 on CPU)")
+    p.add_argument("--device", default="cpu")
 
     p = verb("info", "print the size of a preset or a checkpoint's config", _cmd_info)
     p.add_argument("model", help="a preset name (tiny, small, v3.2) or a checkpoint folder")

@@ -1,5 +1,8 @@
-"""Inference: the latent KV cache, prefill/decode and generation."""
+"""Inference: the latent KV cache, sampling, and batched generation with RL records."""
 
-from .cache import LatentCache
+from .cache import LatentCache, StaticLatentCache
+from .generate import GenerationResult, generate, left_pad
+from .sampling import Sample, SamplingParams, kept_mask, sample_next
 
-__all__ = ["LatentCache"]
+__all__ = ["GenerationResult", "LatentCache", "Sample", "SamplingParams", "StaticLatentCache", "generate",
+           "kept_mask", "left_pad", "sample_next"]

@@ -82,7 +82,8 @@ class Router(Float32Params):
         return w * self.scale
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None):
-        """x (N, D) -> (weights (N, k) float32, ids (N, k) int64, s (N, E) float32)."""
+        """x (N, D) -> (weights (N, k) float32, ids (N, k) int64, s (N, E) float32).
+        `replay` (N, k): expert ids to use instead of selecting; a row of -1 selects freshly."""
         s = self.scores(x)
         if replay is None:
             ids = self.select(s)
@@ -91,6 +92,9 @@ class Router(Float32Params):
                 raise ValueError(f"replayed routing must have shape {(x.shape[0], self.top_k)}, "
                                  f"got {tuple(replay.shape)}")
             ids = replay.to(device=x.device, dtype=torch.long)
+            free = (ids < 0).any(-1)
+            if bool(free.any()):                 # -1 rows: positions with no record route freely
+                ids = torch.where(free[:, None], self.select(s), ids)
         return self.weights(s, ids), ids, s
 
 

@@ -1,0 +1,210 @@
+"""Batched generation over the latent cache, recording what RL needs.
+
+Prompts of different lengths are left-padded into one batch; a padded slot is a key no query
+may see, and RoPE positions count real tokens only, so a prompt generates the same
+continuation alone or in a batch. Prefill fills the cache (optionally in chunks); each decode
+step runs one token per row in absorbed mode, where the indexer scores the whole cache and
+the attention gathers only the top-k latent rows (O(k) main-attention work per token).
+
+Per generated token the result holds the token id, its log-probability under the distribution
+sampled from and under the untruncated one, the kept set of the truncation, and (optionally)
+the MoE expert ids chosen in every layer — for the prompt too, since replaying routing in
+training covers the whole sequence. A row that meets a stop token stops; later slots hold
+`pad_id` with log-probabilities 0 and do not count.
+
+Input is validated before any work (empty prompt, ids outside the vocabulary, a length beyond
+max_position_embeddings, bad sampling parameters), so a bad call leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..model import AttentionOptions, DSV32ForCausalLM
+from .cache import LatentCache, StaticLatentCache
+from .sampling import SamplingParams, sample_next
+
+StreamCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: torch.Tensor            # (B, P) left-padded prompts
+    prompt_mask: torch.Tensor           # (B, P) bool, True = real token
+    tokens: torch.Tensor                # (B, N) generated ids, pad_id after a row stopped
+    logprobs: torch.Tensor              # (B, N) under the sampled (truncated, renormalised) distribution
+    logprobs_full: torch.Tensor         # (B, N) under the untruncated distribution
+    lengths: torch.Tensor               # (B,) generated tokens per row, the stop token included
+    finish_reason: list[str]            # "stop" | "length"
+    kept: list[torch.Tensor | None] = field(default_factory=list)   # per step: (B, K_max) or None
+    routing: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, P + N, top_k)
+    seconds: float = 0.0
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        """(B, N) bool, True for generated tokens (the stop token included)."""
+        N = self.tokens.shape[1]
+        return torch.arange(N)[None, :] < self.lengths[:, None]
+
+    def sequences(self) -> torch.Tensor:
+        """(B, P + N): prompt (left-padded) followed by the generated tokens."""
+        return torch.cat((self.prompt_ids, self.tokens), dim=1)
+
+    def completions(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+    def kept_padded(self) -> torch.Tensor | None:
+        """(B, N, K) kept ids over all steps, -1 padded; None if no step truncated."""
+        if not self.kept or all(k is None for k in self.kept):
+            return None
+        V_pad = max(k.shape[1] for k in self.kept if k is not None)
+        rows = []
+        for step, k in enumerate(self.kept):
+            if k is None:
+                raise ValueError("kept sets are missing for some steps")
+            rows.append(torch.nn.functional.pad(k, (0, V_pad - k.shape[1]), value=-1))
+        return torch.stack(rows, dim=1)
+
+
+def _validate(model: DSV32ForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    cfg = model.config
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        if len(p) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(p) + max_new_tokens}, beyond max_position_embeddings={cfg.max_position_embeddings}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p):] = True
+    return ids, mask
+
+
+def _generators(seed: int | Sequence[int] | None, B: int, device) -> list[torch.Generator] | None:
+    if seed is None:
+        return None
+    seeds = [int(seed) * 1_000_003 + i for i in range(B)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != B:
+        raise ValueError(f"seed list has {len(seeds)} entries for {B} prompts")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+@torch.no_grad()
+def generate(
+    model: DSV32ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | Sequence[int] | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    stream: StreamCallback | None = None,
+    record_routing: bool = False,
+    record_kept: bool = True,
+    cache: str = "static",
+    fp8_cache: bool = False,
+    prefill_chunk: int | None = None,
+    attention: AttentionOptions | None = None,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` per prompt (lists of token ids).
+
+    seed: one int (row i gets its own generator from it, so a prompt's sample does not depend
+    on its batch) or one seed per prompt. stop_tokens: default the config's eos_token_id.
+    stream(step, tokens (B,), finished (B,)) is called after every step. cache: "static"
+    (preallocated) or "growing". prefill_chunk: prefill the prompt this many tokens at a time.
+    """
+    params = SamplingParams(temperature, top_k, top_p)
+    _validate(model, prompts, max_new_tokens)
+    cfg = model.config
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if stop_tokens is None:
+        eos = cfg.eos_token_id
+        stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else
+                                             (stop_tokens[0] if stop_tokens else 0))
+    device = model.lm_head.weight.device
+    B = len(prompts)
+    gens = _generators(seed, B, device)
+    ids, mask = left_pad(prompts, pad, device)
+    P = ids.shape[1]
+    if cache == "static":
+        kv = StaticLatentCache(cfg, B, P + max_new_tokens, dtype=model.lm_head.weight.dtype, device=device,
+                               fp8=fp8_cache)
+    elif cache == "growing":
+        kv = LatentCache(cfg, fp8=fp8_cache)
+    else:
+        raise ValueError(f"cache must be 'static' or 'growing', got {cache!r}")
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+
+    start = time.perf_counter()
+    routing: dict[int, list[torch.Tensor]] = {}
+    chunk = prefill_chunk or P
+    logits = None
+    for c0 in range(0, P, chunk):
+        out = model(ids[:, c0:c0 + chunk], attention_mask=mask[:, c0:c0 + chunk], cache=kv, attention=attention,
+                    record_routing=record_routing, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        for layer, r in out.routing.items():
+            routing.setdefault(layer, []).append(r)
+
+    tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    logprobs_full = torch.zeros(B, max_new_tokens, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    kept: list[torch.Tensor | None] = []
+    for step in range(max_new_tokens):
+        s = sample_next(logits, params, gens)
+        live = ~finished
+        tokens[:, step] = torch.where(live, s.tokens, pad)
+        logprobs[:, step] = torch.where(live, s.logprob, 0.0)
+        logprobs_full[:, step] = torch.where(live, s.logprob_full, 0.0)
+        if record_kept:
+            kept.append(None if s.kept is None else torch.where(live[:, None], s.kept, -1))
+        lengths += live.long()
+        finished |= live & torch.isin(s.tokens, stop)
+        if stream is not None:
+            stream(step, tokens[:, step], finished.clone())
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        out = model(tokens[:, step:step + 1], attention_mask=live[:, None], cache=kv, attention=attention,
+                    record_routing=record_routing)
+        logits = out.logits[:, -1]
+        for layer, r in out.routing.items():
+            routing.setdefault(layer, []).append(r)
+
+    n = int(lengths.max())
+    reasons = ["stop" if f else "length" for f in finished.tolist()]
+    result = GenerationResult(
+        prompt_ids=ids, prompt_mask=mask, tokens=tokens[:, :n], logprobs=logprobs[:, :n],
+        logprobs_full=logprobs_full[:, :n], lengths=lengths, finish_reason=reasons, kept=kept[:n],
+        seconds=time.perf_counter() - start)
+    if record_routing:
+        # The last sampled token is never fed back, so its routing is unknown: -1 marks it, and a
+        # replaying forward pass routes that position freely (no later position depends on it).
+        for layer, parts in routing.items():
+            r = torch.cat(parts, dim=1)
+            missing = P + n - r.shape[1]
+            result.routing[layer] = torch.nn.functional.pad(r, (0, 0, 0, missing), value=-1)
+    return result
