@@ -66,10 +66,19 @@ def test_forward_without_tail_and_int32_indices():
     check_forward(q, kv, idx.int(), dv=24)
 
 
-def test_forward_real_row_width():
-    """C = 576 = 512 + 64, Dv = 512: the V3.2 tiles, on a few queries."""
-    q, kv, idx = make_inputs(1, 2, 16, 96, r=512, dr=64, K=70, dtype=LOW)
+def test_real_shape_forward_and_backward():
+    """H = 128, C = 576 = 512 + 64, Dv = 512: the V3.2 tiles and launch options, on 2 queries."""
+    q, kv, idx = make_inputs(1, 2, 128, 96, r=512, dr=64, K=70, dtype=LOW)
     check_forward(q, kv, idx, dv=512)
+    q1, kv1 = q.float().clone().requires_grad_(), kv.float().clone().requires_grad_()
+    q2, kv2 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out1, _ = sparse_mla_torch(q1, kv1, idx, 0.05, 512)
+    out2, _ = sparse_mla_triton(q2, kv2, idx, 0.05, 512)
+    dout = torch.randn(out1.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    (out1 * dout).sum().backward()
+    (out2.float() * dout).sum().backward()
+    torch.testing.assert_close(q2.grad.float(), q1.grad, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(kv2.grad.float(), kv1.grad, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 8])

@@ -231,20 +231,25 @@ class _Shape:
         self.B, self.T, self.H, self.C = q.shape
         self.S, self.K = kv.shape[1], indices.shape[-1]
         self.dv = dv
-        self.block_h = min(64, _pow2(self.H))
-        # The backward holds dq and dout next to the gathered rows, so it takes the smaller block.
-        self.block_n = 16 if backward else 32
         self.block_dv = _pow2(dv)
         self.has_tail = self.C > dv
         self.block_dt = _pow2(self.C - dv) if self.has_tail else 16
+        # Budget at Dv = 512 (bf16, 8 warps): the forward keeps q (64 x 576, 72 KB) and two
+        # stages of gathered rows (2 x 32 x 576, 72 KB) in shared memory and the 64 x 512 fp32
+        # accumulator in registers (128 per thread). The backward also holds dout and dq, so it
+        # halves the head tile (twice the dkv atomics, but it fits) and gathers 16 rows at a time.
+        wide = self.block_dv >= 256
+        self.block_h = min(32 if (backward and wide) else 64, _pow2(self.H))
+        self.block_n = 16 if backward else 32
+        self.num_stages = 1 if backward else 2
+        self.num_warps = 8 if wide else 4
         self.h_tiles = triton.cdiv(self.H, self.block_h)
         self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        self.num_warps = 8 if self.block_dv >= 256 else 4
 
     def constexprs(self) -> dict:
         return dict(C=self.C, DV=self.dv, HAS_TAIL=self.has_tail, BLOCK_H=self.block_h,
                     BLOCK_N=self.block_n, BLOCK_DV=self.block_dv, BLOCK_DT=self.block_dt,
-                    PRECISION=self.precision, num_warps=self.num_warps)
+                    PRECISION=self.precision, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _auto_splits(shape: _Shape, device: torch.device) -> int:
