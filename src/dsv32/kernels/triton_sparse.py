@@ -16,7 +16,9 @@ Kernels (grid axes in brackets):
   once and used by every head of the tile, for both the score (q·kv) and the output (p·kv[:Dv]):
   that sharing is the point of the absorbed (MQA) form. Online softmax in base 2. A row is split
   into its value part [0, Dv) and its tail [Dv, C) (the RoPE dims) so both fit power-of-two
-  tiles without padding the real shape (512 + 64).
+  tiles without padding the real shape (512 + 64). At H = 128 the tile is 64 heads, so the two
+  tiles of a query each gather its rows (the second mostly from L2): one 128-head tile would
+  need a 128 x 512 float32 accumulator, 256 KB: an H100 multiprocessor's whole register file.
 * `_combine_kernel` [B*T, H tiles] — decode: when B*T*tiles is too small to fill the GPU
   (T = 1), the K slots are cut into splits, each writes a normalised partial output and its
   lse, and this kernel merges them by their softmax weights.
@@ -25,9 +27,10 @@ Kernels (grid axes in brackets):
   program and stored once. dkv rows are shared by many queries (and by the H tiles of one
   query), so they are accumulated with float32 `atomic_add` into a float32 buffer: dkv is
   therefore NOT bitwise deterministic (summation order varies run to run, ~1 ulp of float32
-  per add); dq and the forward are deterministic. A deterministic scheme would need either the
-  per-(t, slot) contributions materialised (B*T*K*C floats: 300 GB at T=64K, K=2048) or a
-  sort of all indices by slot; neither is worth it for training.
+  per add); dq and the forward are deterministic. Materialising the per-(t, slot)
+  contributions for a fixed-order sum is out (B*T*K*C floats: 300 GB at T=64K, K=2048); if
+  determinism is ever required, the way is to sort the B*T*K (slot, t) pairs by slot and let
+  one program own each dkv row.
 
 Left out: FP8 inputs, paged caches (the cache is one dense (B, S, C) tensor), tuned launch
 configurations (the block sizes below are reasoned, not measured — no GPU was available when
