@@ -10,6 +10,10 @@ query over its selected latent rows only (shapes in `reference.py`). Backends:
 ``"auto"`` picks triton on CUDA when it is available, else torch. A backend is a function with
 the signature of `sparse_mla_torch`; `register_backend` adds one (the Triton module registers
 itself lazily, so nothing GPU-only is imported on CPU).
+
+The indexer's top-k selection has one fast path, the same way: `index_selector(device)` returns
+the fused Triton selector (signature of `dsv32.model.indexer.select_topk`) on CUDA when triton
+is available, else None, and the caller keeps its torch path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .reference import indices_to_mask, masked_attention, sparse_mla_reference
 from .torch_sparse import sparse_mla_torch
 
 SparseBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor]]
+IndexSelector = Callable[..., torch.Tensor]
 
 _BACKENDS: dict[str, SparseBackend] = {
     "reference": sparse_mla_reference,
@@ -29,8 +34,26 @@ _BACKENDS: dict[str, SparseBackend] = {
 }
 
 
+_SELECTORS: dict[str, IndexSelector] = {}
+
+
 def register_backend(name: str, fn: SparseBackend) -> None:
     _BACKENDS[name] = fn
+
+
+def register_selector(name: str, fn: IndexSelector) -> None:
+    _SELECTORS[name] = fn
+
+
+def index_selector(device: torch.device) -> IndexSelector | None:
+    """The fused top-k selector for tensors on `device`, or None where the torch path applies."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import triton_indexer  # noqa: F401  (registers "triton")
+    except ImportError:
+        return None
+    return _SELECTORS.get("triton")
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -60,4 +83,4 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: 
 
 
 __all__ = ["sparse_mla", "sparse_mla_reference", "sparse_mla_torch", "masked_attention",
-           "indices_to_mask", "register_backend", "resolve_backend"]
+           "indices_to_mask", "register_backend", "resolve_backend", "register_selector", "index_selector"]

@@ -105,7 +105,8 @@ class MLA(nn.Module):
             if ctx.keep_indexer_inputs:
                 ctx.indexer_inputs[self.layer_idx] = {"x": x.detach(), "c_q": c_q.detach()}
             if ctx.return_indices or (select and form == "expanded"):
-                indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid)
+                indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
+                                              opts.backend)
                 if ctx.return_indices:
                     ctx.indices[self.layer_idx] = indices
 
@@ -145,7 +146,7 @@ class MLA(nn.Module):
             if indices is None:
                 q_index, w_index, k_index = selector
                 idx = self.indexer.select(q_index[:, t0:t1], w_index[:, t0:t1], k_index,
-                                          ctx.q_start + t0, ctx.key_valid)
+                                          ctx.q_start + t0, ctx.key_valid, backend)
             else:
                 idx = indices[:, t0:t1]
             q_abs = torch.einsum("bthd,hdr->bthr", q_n[:, t0:t1].to(compute), w_uk.to(compute))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .rope import apply_rope_half
 
@@ -97,10 +98,13 @@ class Indexer(nn.Module):
 
     # -------------------------------------------------------------------------------
     def select(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_start: int = 0,
-               key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Selected key slots (B, T, width) int64, -1 for empty slots; see `select_topk`."""
-        return select_topk(q, w, k, self.topk, q_start=q_start, key_valid=key_valid,
-                           window=self.window, sink=self.sink)
+               key_valid: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+        """Selected key slots (B, T, width) int64, -1 for empty slots; see `select_topk`.
+        With backend "auto" or "triton" the fused Triton selector runs where available (CUDA);
+        any other backend, and CPU, use `select_topk`."""
+        fused = kernels.index_selector(q.device) if backend in ("auto", "triton") else None
+        return (fused or select_topk)(q, w, k, self.topk, q_start=q_start, key_valid=key_valid,
+                                      window=self.window, sink=self.sink)
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
