@@ -31,7 +31,9 @@ from .. import kernels
 from ..config import ModelConfig
 from .rope import apply_rope_half
 
-_SCORE_BUDGET_BYTES = 64 * 2**20   # (block, H_I, S) float32 per block of queries
+_SCORE_BUDGET_BYTES = 64 * 2**20   # (block, S) float32 scores per block of queries
+_ROWS_PER_BLOCK = 2048             # queries x H_I rows per matmul: a good GEMM shape on CPU
+_KEY_TILE = 512                    # keys per tile: the (rows, tile) product stays in cache
 _FP8_MAX = 448.0                   # largest finite float8_e4m3fn
 
 
@@ -116,6 +118,30 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Ten
     return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
 
 
+@torch.no_grad()
+def index_scores_tiled(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, tile: int = _KEY_TILE) -> torch.Tensor:
+    """`index_scores` without autograd, one tile of keys at a time: the (T·H_I, tile) product,
+    its ReLU and the head-weighted sum stay in cache instead of streaming a (T, H_I, S) tensor
+    through memory three times (measured 38% -> ~100% of the fp32 matmul rate on CPU)."""
+    B, T, Hi, d = q.shape
+    S = k.shape[1]
+    out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
+    tile = max(1, min(tile, S))
+    buf = torch.empty(T * Hi * tile, dtype=torch.float32, device=q.device)
+    tmp = torch.empty(T * tile, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        q2, wb, kt = q[b].reshape(T * Hi, d).float(), w[b].float().unsqueeze(1), k[b].float().t()
+        for s0 in range(0, S, tile):
+            n = min(tile, S - s0)
+            sc = buf[: T * Hi * n].view(T * Hi, n)
+            torch.mm(q2, kt[:, s0:s0 + n], out=sc)
+            sc.relu_()
+            red = tmp[: T * n].view(T, 1, n)
+            torch.bmm(wb, sc.view(T, Hi, n), out=red)
+            out[b, :, s0:s0 + n] = red.view(T, n)
+    return out
+
+
 def allowed_keys(num_keys: int, q_slots: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
     """Boolean (B or 1, T, S): causal by slot and not padding."""
     s = torch.arange(num_keys, device=q_slots.device)
@@ -164,14 +190,13 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int, q_
     width = window + sink + K
     out = torch.full((B, T, width), -1, dtype=torch.long, device=q.device)
     if block is None:
-        block = max(1, _SCORE_BUDGET_BYTES // max(1, 4 * Hi * S * B))
+        block = max(1, min(_ROWS_PER_BLOCK // Hi, _SCORE_BUDGET_BYTES // max(1, 4 * S * B)))
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         q_slots = torch.arange(q_start + t0, q_start + t1, device=q.device)
         n_keys = min(S, q_start + t1)                     # keys past the last query never count
-        scores = index_scores(q[:, t0:t1], w[:, t0:t1], k[:, :n_keys])
-        allowed = allowed_keys(n_keys, q_slots, key_valid)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = index_scores_tiled(q[:, t0:t1], w[:, t0:t1], k[:, :n_keys])
+        scores.masked_fill_(~allowed_keys(n_keys, q_slots, key_valid), float("-inf"))
         col = 0
         if window or sink:
             forced = _forced_slots(q_slots, key_valid, B, window, sink)
