@@ -54,20 +54,26 @@ def _load_config_file(path: str) -> dict:
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse once to find --config, set its values as defaults, parse again (flags win)."""
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        values = _load_config_file(args.config)
-        known = {a.dest for a in parser._actions}
+    """Find --config, take its values as defaults (a value from the file satisfies a required
+    flag or positional), then parse the command line on top (flags win)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        values = _load_config_file(known.config)
+        actions = {a.dest: a for a in parser._actions}
         defaults = {}
         for key, value in values.items():
             dest = key.replace("-", "_")
-            if dest not in known or dest in ("config", "help"):
-                raise UserError(f"config file {args.config}: unknown option {key!r} for `{parser.prog}`")
+            if dest not in actions or dest in ("config", "help"):
+                raise UserError(f"config file {known.config}: unknown option {key!r} for `{parser.prog}`")
+            action = actions[dest]
+            action.required = False
+            if not action.option_strings:      # a positional given by the file becomes optional
+                action.nargs = "?"
             defaults[dest] = value
         parser.set_defaults(**defaults)
-        args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------- verbs
