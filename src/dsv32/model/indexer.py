@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from .norms import Float32Linear
 from .rope import apply_rope_half
 
 _SCORE_BUDGET_BYTES = 64 * 2**20   # (block, S) float32 scores per block of queries
@@ -72,7 +73,7 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = Float32Linear(cfg.hidden_size, self.n_heads, bias=False)
 
     # -------------------------------------------------------------------------------
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

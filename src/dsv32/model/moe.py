@@ -23,18 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .context import ForwardContext
-
-
-class Float32Params(nn.Module):
-    """A module whose parameters and buffers stay float32 under `.to(dtype)` (the router and
-    the indexer's head weights are kept in float32 by both reference implementations)."""
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for t in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False)):
-            if t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
-        return self
+from .norms import Float32Params
 
 
 class MLP(nn.Module):

@@ -1,4 +1,5 @@
-"""RMSNorm, computed in float32 whatever the input dtype (as both reference implementations do)."""
+"""RMSNorm, computed in float32 whatever the input dtype (as both reference implementations do),
+and the float32-pinned modules (router, indexer head weights)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,19 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+class Float32Params(nn.Module):
+    """A module whose own parameters and buffers stay float32 under `.to(dtype)`: the MoE router
+    and the indexer's head weights, which both reference implementations keep in float32."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for t in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False)):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+
+class Float32Linear(Float32Params, nn.Linear):
+    """nn.Linear pinned to float32 (see Float32Params)."""
