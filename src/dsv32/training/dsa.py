@@ -180,7 +180,7 @@ def indexer_sparse_loss(q: torch.Tensor, kv: torch.Tensor, scale: float, iq: tor
     {"indexer_kl_selected"}."""
     B, T, H, _ = q.shape
     K = indices.shape[-1]
-    chunk = _chunk_size(B, K, max(H, iq.shape[2], iq.shape[3]), chunk_budget_bytes)
+    chunk = _chunk_size(B, K, max(H, iq.shape[2], iq.shape[3], kv.shape[-1]), chunk_budget_bytes)
 
     def chunk_loss(t0: int, t1: int, iq_c, iw_c, ik_c) -> torch.Tensor:
         idx = indices[:, t0:t1]

@@ -90,7 +90,8 @@ def plot_selection(report: SelectionReport, layer: int, path: str | Path, *, row
     ax_mask, ax_sel, ax_mass = fig.subplots(1, 3)
     for ax, image, name in ((ax_mask, causal, "causal mask (allowed keys)"),
                             (ax_sel, selected, f"indexer selection (top-{idx.shape[1]})")):
-        ax.imshow(image.float().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        # "antialiased": a long sequence is drawn as the density of selected keys per pixel.
+        ax.imshow(image.float().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="antialiased")
         ax.set_title(name)
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
