@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("info", "print the size of a preset or a checkpoint's config", _cmd_info)
     p.add_argument("model", help="a preset name (tiny, small, v3.2) or a checkpoint folder")
+
+    from .training.commands import register as register_training  # pretrain, sparsify, eval
+    register_training(verb)
     return parser
 
 

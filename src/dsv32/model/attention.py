@@ -98,12 +98,12 @@ class MLA(nn.Module):
         # With backend "auto", a layer in which every query may see all its keys is exactly dense.
         select = opts.sparse and (S > self.topk or opts.backend != "auto")
         form = self._form(opts, T, ctx)
+        if ctx.keep_indexer_inputs:  # dense layers too: the indexer warm-up trains under dense attention
+            ctx.indexer_inputs[self.layer_idx] = {"x": x.detach(), "c_q": c_q.detach()}
         q_index = w_index = indices = None
-        if opts.sparse and (select or ctx.return_indices or ctx.keep_indexer_inputs):
+        if opts.sparse and (select or ctx.return_indices):
             with torch.no_grad():
                 q_index, w_index = self.indexer.queries(x.detach(), c_q.detach(), ctx.cos, ctx.sin)
-            if ctx.keep_indexer_inputs:
-                ctx.indexer_inputs[self.layer_idx] = {"x": x.detach(), "c_q": c_q.detach()}
             if ctx.return_indices or (select and form == "expanded"):
                 indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
                                               opts.backend)

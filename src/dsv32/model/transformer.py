@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import MLA
@@ -97,6 +98,9 @@ class DSV32ForCausalLM(nn.Module):
                                  for i in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
         self.attention = AttentionOptions()
+        # Recompute each block in the backward pass instead of keeping its activations (set by
+        # the trainer). Safe because blocks record their outputs into the context by layer index.
+        self.activation_checkpointing = False
         if init:
             self.init_weights()
 
@@ -197,8 +201,9 @@ class DSV32ForCausalLM(nn.Module):
                              return_indices=return_indices, balance_alpha=balance_alpha,
                              keep_indexer_inputs=keep_indexer_inputs)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            x = checkpoint(layer, x, ctx, use_reentrant=False) if recompute else layer(x, ctx)
         hidden = self.model.norm(x)
         if cache is not None:
             cache.commit(T)

@@ -1,0 +1,318 @@
+"""The training verbs of the `dsv32` command line: `pretrain`, `sparsify` and `eval`.
+
+    dsv32 pretrain --model small --seq-len 2048 --steps 2000 --out runs/pre
+    dsv32 sparsify --stage warmup --init runs/pre --topk 256 --steps 200 --out runs/warmup
+    dsv32 sparsify --stage sparse --init runs/warmup --steps 500 --out runs/sparse
+    dsv32 eval --model runs/sparse --lengths 512,1024,2048 --out runs/sparse/eval
+
+`register(subparsers, verb)` adds them; cli.py calls it from `build_parser`. Every verb takes
+`--config FILE` (handled by cli.py). A run folder holds `metrics.jsonl` and `checkpoints/`;
+`--init`/`--model` accept a run folder (its latest checkpoint) or any HF-layout folder.
+`--resume` continues the run in `--out` from its latest checkpoint (or from a given one).
+
+Data: the corpus (files/folders given by `--corpus`, default this Python's standard library
+source) is split by document hash into training and held-out sides; training sequences
+mix corpus text with retrieval examples (`--task-fraction`), the held-out side gives the
+evaluation LM loss. Bad input (an empty corpus, `--seq-len` beyond the model's
+max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
+which cli.py prints in one line with exit code 2, before any checkpoint is touched.
+
+Left out: multi-process launch (torchrun) — these verbs train on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import load_pretrained
+from ..config import ModelConfig
+from ..model import AttentionOptions, DSV32ForCausalLM
+from ..tokenizer import ByteTokenizer
+from .checkpointing import LocalCheckpointer
+from .data import PackedSequences, read_documents, split_documents, stdlib_documents
+from .dsa import IndexerWarmup, SparseTraining, selection_report
+from .evaluate import accuracy_summary, lm_eval, retrieval_eval
+from .objectives import LanguageModeling
+from .tasks import MixedSequences, get_task
+from .trainer import Trainer, TrainConfig
+
+Verb = Callable[..., argparse.ArgumentParser]
+RETRIEVAL = ("passkey", "multikey_niah", "variable_tracking")
+
+
+def _csv(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+# ------------------------------------------------------------------------------- flags
+def _data_flags(p: argparse.ArgumentParser, seq_len: int) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", nargs="+", default=None,
+                   help="text files or folders (default: this Python's standard library source)")
+    g.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on corpus bytes read (default 4e6)")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of documents")
+    g.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _train_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: int) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/); required")
+    g.add_argument("--task-fraction", type=float, default=0.25,
+                   help="share of sequences that are retrieval examples (default 0.25)")
+    g.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL), help="retrieval tasks, comma-separated")
+    g.add_argument("--steps", type=int, default=steps)
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument("--warmup-steps", type=int, default=warmup)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0 = off)")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--eval-every", type=int, default=0, help="held-out evaluation cadence (0 = off)")
+    g.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences per evaluation")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint cadence (0 = only at the end)")
+    g.add_argument("--keep", type=int, default=1, help="checkpoints to keep")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
+    g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after this step with a checkpoint (continue later with --resume)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _moe_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE and MTP")
+    g.add_argument("--bias-gamma", type=float, default=1e-3, help="router bias update speed (0 = off)")
+    g.add_argument("--balance-alpha", type=float, default=0.0, help="sequence-wise balance loss weight")
+    g.add_argument("--mtp-weight", type=float, default=0.0, help="MTP loss weight (needs MTP layers)")
+
+
+def register(verb: Verb) -> None:
+    """Add the verbs through cli.py's `verb(name, help, handler)` helper."""
+    p = verb("pretrain", "pretrain a model with dense attention on corpus text mixed with retrieval tasks",
+             cmd_pretrain)
+    p.add_argument("--model", default="small", help="a preset (tiny, small) or a config.json (default small)")
+    _data_flags(p, 1024)
+    _train_flags(p, steps=1000, lr=3e-3, warmup=50)
+    _moe_flags(p)
+
+    p = verb("sparsify", "DSA continued training: indexer warm-up, then sparse training (SPEC §4)", cmd_sparsify)
+    p.add_argument("--stage", choices=["warmup", "sparse"], help="warmup or sparse; required")
+    p.add_argument("--init", help="a run folder or HF-layout checkpoint to start from; required")
+    p.add_argument("--topk", type=int, default=None, help="index_topk to train with (default: the model's)")
+    p.add_argument("--indexer-lr", type=float, default=None, help="peak lr of the indexers (default --lr)")
+    p.add_argument("--indexer-weight", type=float, default=1.0, help="sparse stage: weight of the indexer KL")
+    _data_flags(p, 1024)
+    _train_flags(p, steps=200, lr=1e-3, warmup=20)
+    _moe_flags(p)
+
+    p = verb("eval", "held-out LM loss/perplexity, indexer recall and retrieval accuracy by length and depth",
+             cmd_eval)
+    p.add_argument("--model", help="a run folder or HF-layout checkpoint; required")
+    p.add_argument("--out", default=None, help="folder for eval.json and the pictures")
+    p.add_argument("--attention", choices=["dense", "sparse", "both"], default="both")
+    p.add_argument("--topk", type=int, default=None, help="index_topk to evaluate with (default: the model's)")
+    p.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL), help="retrieval tasks, comma-separated")
+    p.add_argument("--lengths", type=_csv(int), default=[512, 1024, 2048], help="prompt lengths in tokens")
+    p.add_argument("--depths", type=_csv(float), default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths")
+    p.add_argument("--examples-per-cell", type=int, default=4)
+    p.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences for the LM loss")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--plot-layer", type=int, default=-1, help="layer of the selection picture (default last)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _data_flags(p, 1024)
+
+
+# ------------------------------------------------------------------------------- set-up
+def _require(args: argparse.Namespace, *names: str) -> None:
+    # Checked here rather than by argparse so that a --config file may supply them.
+    for name in names:
+        if getattr(args, name) is None:
+            raise ValueError(f"--{name.replace('_', '-')} is required")
+
+
+def _documents(args: argparse.Namespace):
+    if args.corpus:
+        docs = read_documents(args.corpus, max_bytes=args.max_bytes)
+    else:
+        docs = stdlib_documents(max_bytes=args.max_bytes)
+    train, val = split_documents(docs, args.val_fraction)
+    if not train:
+        raise ValueError(f"the corpus has no documents left for training after the held-out split "
+                         f"(--val-fraction {args.val_fraction}); give more documents or a smaller fraction")
+    return train, val
+
+
+def _check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} is beyond the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}")
+
+
+def _check_tasks(tasks: list[str]) -> None:
+    for name in tasks:
+        if get_task(name).kind != "retrieval":
+            raise ValueError(f"task {name!r} is not a retrieval task; choose from {list(RETRIEVAL)}")
+
+
+def _held_out(args: argparse.Namespace, val_docs, n: int) -> torch.Tensor:
+    if not val_docs:
+        raise ValueError(f"the corpus has no held-out documents at --val-fraction {args.val_fraction}; "
+                         f"give a larger corpus or a larger fraction")
+    return PackedSequences(val_docs, ByteTokenizer(), args.seq_len, shuffle=False).next_batch(n)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A folder with config.json, or a run folder -> its latest checkpoint."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = LocalCheckpointer(path / "checkpoints").latest()
+    if latest is None:
+        raise ValueError(f"{path} is neither a checkpoint folder (no config.json) nor a run folder with checkpoints")
+    return latest
+
+
+def load_model(path: str | Path, device: str, topk: int | None = None) -> DSV32ForCausalLM:
+    """Load a checkpoint (or a run's latest), optionally with another index_topk."""
+    folder = resolve_model_dir(path)
+    model = load_pretrained(folder)
+    if topk is not None and topk != model.config.index_topk:
+        weights = model.state_dict()
+        model = DSV32ForCausalLM(model.config.replace(index_topk=topk), init=False)
+        model.load_state_dict(weights)
+    return model.to(device)
+
+
+def _train_config(args: argparse.Namespace, lr_overrides: dict[str, float] | None = None) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       lr_overrides=lr_overrides or {}, warmup_steps=args.warmup_steps,
+                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       bias_update_gamma=args.bias_gamma, bf16=args.bf16,
+                       activation_checkpointing=args.activation_checkpointing, seed=args.seed,
+                       log_every=args.log_every, save_every=args.save_every, keep_checkpoints=args.keep,
+                       eval_every=args.eval_every, progress=not args.no_progress)
+
+
+def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_with: AttentionOptions,
+         extra: dict[str, Any], lr_overrides: dict[str, float] | None = None) -> int:
+    """Shared by pretrain and sparsify: data, trainer, fit, a one-line summary."""
+    _check_seq_len(args.seq_len, model.config)
+    _check_tasks(args.tasks)
+    config = _train_config(args, lr_overrides)          # validates the numbers before reading data
+    train_docs, val_docs = _documents(args)
+    tokenizer = ByteTokenizer()
+    corpus = PackedSequences(train_docs, tokenizer, args.seq_len, seed=args.seed)
+    data = MixedSequences(corpus, tokenizer, task_fraction=args.task_fraction, tasks=args.tasks, seed=args.seed)
+    evaluate = None
+    if args.eval_every:
+        held_out = _held_out(args, val_docs, args.eval_sequences)
+
+        def evaluate(m: DSV32ForCausalLM) -> dict[str, float]:
+            out = lm_eval(m, held_out, attention=evaluate_with, batch_size=args.batch_size)
+            report = selection_report(m, held_out[:2].to(args.device), attention=evaluate_with)
+            return {**out, **report.recall(m.config.index_topk)}
+
+    run_info = {"data": {"corpus": args.corpus or "stdlib", "max_bytes": args.max_bytes,
+                         "val_fraction": args.val_fraction, "seq_len": args.seq_len,
+                         "task_fraction": args.task_fraction, "tasks": args.tasks}, **extra}
+    trainer = Trainer(model, objective, data, config, args.out, evaluate=evaluate, run_info=run_info)
+    history = trainer.fit(resume=args.resume, stop_at=args.stop_at)
+    last = history[-1] if history else None
+    where = trainer.checkpointer.latest()
+    if last is None:
+        print(f"nothing to do: {where} is already at step {trainer.step} of {config.steps}")
+    else:
+        print(f"step {trainer.step}/{config.steps}: loss {last['loss']:.4f}; checkpoint {where}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- verbs
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    _require(args, "out")
+    path = Path(args.model)
+    cfg = ModelConfig.from_hf_config(path) if path.suffix == ".json" else ModelConfig.preset(args.model)
+    torch.manual_seed(args.seed)
+    model = DSV32ForCausalLM(cfg, init=False)
+    model.init_weights(seed=args.seed)
+    objective = LanguageModeling(balance_alpha=args.balance_alpha, mtp_weight=args.mtp_weight)
+    return _run(args, model.to(args.device), objective, AttentionOptions(sparse=False),
+                {"model": str(args.model)})
+
+
+def cmd_sparsify(args: argparse.Namespace) -> int:
+    _require(args, "stage", "init", "out")
+    if args.stage not in ("warmup", "sparse"):    # a --config value escapes argparse's choices
+        raise ValueError(f"--stage must be 'warmup' or 'sparse', got {args.stage!r}")
+    model = load_model(args.init, args.device, args.topk)
+    if args.stage == "warmup":
+        objective = IndexerWarmup()
+        attention = AttentionOptions(sparse=False)
+    else:
+        objective = SparseTraining(indexer_weight=args.indexer_weight, balance_alpha=args.balance_alpha,
+                                   mtp_weight=args.mtp_weight)
+        attention = AttentionOptions(sparse=True)
+    overrides = {".indexer.": args.indexer_lr} if args.indexer_lr else None
+    return _run(args, model, objective, attention, {"init": str(args.init), "stage": args.stage}, overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _require(args, "model")
+    if args.attention not in ("dense", "sparse", "both"):
+        raise ValueError(f"--attention must be 'dense', 'sparse' or 'both', got {args.attention!r}")
+    _check_tasks(args.tasks)
+    model = load_model(args.model, args.device, args.topk).eval()
+    _check_seq_len(args.seq_len, model.config)
+    _, val_docs = _documents(args)
+    held_out = _held_out(args, val_docs, args.eval_sequences)
+    modes = ["dense", "sparse"] if args.attention == "both" else [args.attention]
+    layer = args.plot_layer % model.config.num_hidden_layers
+    out_dir = Path(args.out) if args.out else None
+    results: dict[str, Any] = {"model": str(resolve_model_dir(args.model)), "index_topk": model.config.index_topk}
+    for mode in modes:
+        attention = AttentionOptions(sparse=mode == "sparse")
+        lm = lm_eval(model, held_out, attention=attention, batch_size=args.batch_size)
+        report = selection_report(model, held_out[:1].to(args.device), attention=attention)
+        recall = report.recall(model.config.index_topk)
+        rows = retrieval_eval(model, ByteTokenizer(), tasks=args.tasks, lengths=args.lengths, depths=args.depths,
+                              examples_per_cell=args.examples_per_cell, attention=attention, seed=args.seed,
+                              batch_size=args.batch_size)
+        summary = accuracy_summary(rows)
+        results[mode] = {**lm, **recall, **summary, "retrieval": rows}
+        print(f"[{mode}] held-out loss {lm['lm_loss']:.4f} (ppl {lm['perplexity']:.3f}), indexer recall "
+              f"{recall['indexer_recall']:.3f}, retrieval accuracy {summary['accuracy']:.3f}")
+        _print_grid(rows, args.lengths, args.depths)
+        if out_dir is not None:
+            from .plots import plot_retrieval_heatmap, plot_selection
+            plot_retrieval_heatmap(rows, out_dir / f"retrieval_{mode}.png", title=f"{mode} attention")
+            plot_selection(report, layer, out_dir / f"selection_{mode}_layer{layer}.png",
+                           title=f"{mode} attention, layer {layer}, top-{model.config.index_topk}")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out_dir / 'eval.json'} and pictures")
+    return 0
+
+
+def _print_grid(rows: list[dict], lengths: list[int], depths: list[float]) -> None:
+    print("    length \\ depth " + "".join(f"{d:>7g}" for d in depths))
+    for n in lengths:
+        cells = []
+        for d in depths:
+            sel = [r for r in rows if r["length"] == n and r["depth"] == d]
+            cells.append(sum(r["correct"] for r in sel) / max(1, sum(r["n"] for r in sel)))
+        print(f"    {n:>15d} " + "".join(f"{c:>7.2f}" for c in cells))

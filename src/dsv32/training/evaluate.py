@@ -1,0 +1,117 @@
+"""Evaluation: held-out language-modelling loss and perplexity, and long-context retrieval
+accuracy by prompt length and needle depth (exact match).
+
+Exact match is decided by teacher forcing, in one forward pass per example: the model reads
+`prompt + answer + EOS`, and the example counts as solved iff, at every position from the
+last prompt token on, the argmax of the logits is the next reference token — every answer
+token and then EOS. That is exactly the condition under which greedy decoding from the
+prompt produces the answer and stops: by induction each greedy step sees the same prefix as
+the teacher-forced pass. It is slightly stricter than `score_exact` on a greedy completion,
+which would also forgive whitespace around the answer.
+
+Left out: sampling-based evaluation (pass@k) and the reasoning tasks (their answers are
+checked by verifiers, not by exact match against one reference).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..model import AttentionOptions, DSV32ForCausalLM
+from ..tokenizer import Tokenizer
+from .tasks import get_task
+
+
+@torch.no_grad()
+def lm_eval(model: DSV32ForCausalLM, sequences: torch.Tensor, *, attention: AttentionOptions,
+            batch_size: int = 4) -> dict[str, float]:
+    """Mean next-token loss over sequences (N, T) and its perplexity exp(loss)."""
+    if sequences.dim() != 2 or sequences.shape[1] < 2:
+        raise ValueError(f"sequences must be (N, T) with T >= 2, got {tuple(sequences.shape)}")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, sequences.shape[0], batch_size):
+        batch = sequences[i:i + batch_size].to(device)
+        logits = model(batch, attention=attention).logits[:, :-1].float()
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                       reduction="sum"))
+        count += batch[:, 1:].numel()
+    loss = total / count
+    return {"lm_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def _check_retrieval_task(name: str) -> None:
+    task = get_task(name)                    # raises on an unknown name, listing the known ones
+    if task.kind != "retrieval":
+        raise ValueError(f"task {name!r} is a {task.kind} task; retrieval evaluation takes passkey, "
+                         f"multikey_niah or variable_tracking")
+
+
+@torch.no_grad()
+def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequence[str],
+                   lengths: Sequence[int], depths: Sequence[float], examples_per_cell: int,
+                   attention: AttentionOptions, seed: int = 0, add_bos: bool = False, batch_size: int = 4,
+                   task_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Exact-match accuracy of every (task, prompt length in tokens, needle depth) cell over
+    `examples_per_cell` examples (each drawn from its own seeded RNG, so a cell is the same
+    set whatever else is evaluated). Returns one row per cell: task, length, depth, correct,
+    n, accuracy."""
+    for name in tasks:
+        _check_retrieval_task(name)
+    if isinstance(examples_per_cell, bool) or not isinstance(examples_per_cell, int) or examples_per_cell < 1:
+        raise ValueError(f"examples_per_cell must be an integer >= 1, got {examples_per_cell!r}")
+    limit = model.config.max_position_embeddings
+    device = next(model.parameters()).device
+    rows = []
+    for name in tasks:
+        task = get_task(name)
+        options = dict((task_options or {}).get(name, {}))
+        for length in lengths:
+            for depth in depths:
+                seqs, prompt_lens = [], []
+                for i in range(examples_per_cell):
+                    rng = random.Random(f"dsv32-eval/{seed}/{name}/{length}/{depth}/{i}")
+                    ex = task.make_example(rng, length, depth, **options)
+                    prompt = tokenizer.encode(ex.prompt, add_bos=add_bos)
+                    ids = prompt + tokenizer.encode(ex.answer, add_eos=True)
+                    if len(ids) > limit:
+                        raise ValueError(f"a {name} example of length {length} takes {len(ids)} tokens with its "
+                                         f"answer, beyond the model's max_position_embeddings={limit}")
+                    seqs.append(ids)
+                    prompt_lens.append(len(prompt))
+                correct = _teacher_forced_matches(model, seqs, prompt_lens, device, attention, batch_size)
+                rows.append({"task": name, "length": length, "depth": depth, "correct": correct,
+                             "n": examples_per_cell, "accuracy": correct / examples_per_cell})
+    return rows
+
+
+def _teacher_forced_matches(model, seqs: list[list[int]], prompt_lens: list[int], device,
+                            attention: AttentionOptions, batch_size: int) -> int:
+    """How many sequences have argmax == next token at every position from prompt_len - 1 on."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (ids, p) in enumerate(zip(seqs, prompt_lens)):
+        by_shape.setdefault((len(ids), p), []).append(i)     # equal shapes batch without padding
+    correct = 0
+    for (L, P), members in by_shape.items():
+        keep = L - P + 1                                     # positions P-1 .. L-1 (the last is unused)
+        for j in range(0, len(members), batch_size):
+            batch = torch.tensor([seqs[i] for i in members[j:j + batch_size]], device=device)
+            logits = model(batch, attention=attention, logits_to_keep=keep).logits[:, :-1]
+            hits = (logits.argmax(-1) == batch[:, P:]).all(-1)
+            correct += int(hits.sum())
+    return correct
+
+
+def accuracy_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Overall accuracy and accuracy per task over retrieval rows."""
+    out: dict[str, float] = {}
+    for name in sorted({r["task"] for r in rows}):
+        sel = [r for r in rows if r["task"] == name]
+        out[f"accuracy/{name}"] = sum(r["correct"] for r in sel) / sum(r["n"] for r in sel)
+    out["accuracy"] = sum(r["correct"] for r in rows) / max(1, sum(r["n"] for r in rows))
+    return out

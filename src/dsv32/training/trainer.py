@@ -1,0 +1,286 @@
+"""The training loop shared by pretraining and both DSA stages.
+
+    trainer = Trainer(model, LanguageModeling(), data, TrainConfig(steps=1000), out_dir="runs/x")
+    history = trainer.fit()                  # or fit(resume=True) to continue from the latest checkpoint
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` sequences from `data` (any
+object with `next_batch(n)`, `state_dict()` and `load_state_dict()`, such as
+`PackedSequences` or `MixedSequences`), each passed to the objective; the mean loss is
+back-propagated, gradients are clipped to `grad_clip` (global norm), the learning rate
+follows warm-up + cosine, AdamW steps, and, when the objective trains the main model, the
+router biases move toward balanced expert load (SPEC §3) using the loads of the whole step.
+
+Resume is exact: a checkpoint holds the model, optimizer, step, data position and the RNG
+states (torch CPU/CUDA, Python, NumPy), so on CPU a resumed run reproduces the losses of an
+uninterrupted one bit for bit. A checkpoint refuses to resume a run whose model config, train
+settings (the fields of `TrainConfig` other than the logging/saving cadence) or objective
+differ, and a fresh run refuses a folder that already holds checkpoints, so nothing is
+overwritten by mistake.
+
+bf16 autocast is for CUDA only; on CPU training runs in float32 (bf16 matmuls are far slower
+there). Left out: data/tensor/expert parallelism (an FSDP2 backend plugs in through the
+`Checkpointer` interface and a sharded data source) and dropout (DeepSeek uses none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..model import DSV32ForCausalLM
+from .checkpointing import Checkpointer, LocalCheckpointer
+from .metrics import MetricsLog, Progress
+from .objectives import Objective
+from .optim import build_optimizer, lr_factor, param_groups, set_lr, update_router_bias
+
+STATE_FORMAT = 1
+
+
+class DataSource(Protocol):
+    def next_batch(self, batch_size: int) -> torch.Tensor: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                 # optimizer steps in the whole run
+    batch_size: int = 8               # sequences per micro-batch
+    grad_accum: int = 1               # micro-batches per optimizer step
+    lr: float = 3e-4                  # peak learning rate
+    lr_overrides: dict[str, float] = field(default_factory=dict)   # name substring -> peak lr
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1         # cosine floor, as a fraction of the peak
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # global-norm clip; 0 = off
+    bias_update_gamma: float = 1e-3   # router bias update speed; 0 = off
+    bf16: bool = False                # bf16 autocast (CUDA only)
+    activation_checkpointing: bool = False
+    seed: int = 0
+    # Cadence: free to change when resuming.
+    log_every: int = 10
+    save_every: int = 0               # 0 = only at the end
+    keep_checkpoints: int = 1
+    eval_every: int = 0               # 0 = never (needs an `evaluate` function)
+    progress: bool = True
+
+    CADENCE = ("log_every", "save_every", "keep_checkpoints", "eval_every", "progress")
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        ints = {"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "log_every": 1,
+                "save_every": 0, "keep_checkpoints": 1, "eval_every": 0}
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("weight_decay", "grad_clip", "bias_update_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for key, value in self.lr_overrides.items():
+            if not isinstance(key, str) or not key or not value > 0:
+                raise ValueError(f"lr_overrides must map name substrings to learning rates > 0, got {key!r}: {value!r}")
+
+    def run_settings(self) -> dict[str, Any]:
+        """The fields a resumed run must share with its checkpoint."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.CADENCE}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} vs {current!r}"]
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+class Trainer:
+    """Runs `objective` on batches of `data` for `config.steps` optimizer steps; writes
+    `metrics.jsonl` and checkpoints (under `out_dir/checkpoints` unless a `checkpointer` is
+    given). `evaluate(model) -> {name: value}` is called every `eval_every` steps (model in
+    eval mode, no grad). `run_info` adds settings (e.g. the corpus) that resume must match."""
+
+    def __init__(self, model: DSV32ForCausalLM, objective: Objective, data: DataSource, config: TrainConfig,
+                 out_dir: str | Path, *, checkpointer: Checkpointer | None = None,
+                 evaluate: Callable[[DSV32ForCausalLM], dict[str, float]] | None = None,
+                 run_info: dict[str, Any] | None = None) -> None:
+        self.device = next(model.parameters()).device
+        if config.bf16 and self.device.type != "cuda":
+            raise ValueError("bf16 autocast needs a CUDA device; on CPU training runs in float32 (drop --bf16)")
+        self.model, self.objective, self.data, self.config = model, objective, data, config
+        self.out_dir = Path(out_dir)
+        self.evaluate = evaluate
+        model.activation_checkpointing = config.activation_checkpointing
+        groups = param_groups(model, objective.trainable, lr=config.lr, weight_decay=config.weight_decay,
+                              lr_overrides=config.lr_overrides.items())
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(groups, betas=config.betas, eps=config.eps)
+        self.checkpointer = checkpointer or LocalCheckpointer(self.out_dir / "checkpoints",
+                                                              keep=config.keep_checkpoints)
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.settings = _jsonable({"train": config.run_settings(), "objective": objective.settings(),
+                                   **(run_info or {})})
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ resume
+    def _resolve(self, resume: bool | str | Path) -> Path:
+        latest = self.checkpointer.latest()
+        if resume is True or resume == "latest":
+            if latest is None:
+                raise ValueError(f"nothing to resume: no checkpoint in {self.out_dir}")
+            return latest
+        path = Path(resume)
+        if latest is not None and path.resolve() != latest.resolve():
+            # Continuing another line of training here would mix two runs' checkpoints.
+            raise ValueError(f"{self.out_dir} already holds checkpoints of a run ({latest.name}); to resume from "
+                             f"{path}, use it from a fresh output folder")
+        return path
+
+    def _restore(self, path: Path) -> None:
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path}: unknown trainer state format {state.get('format')!r} (expected {STATE_FORMAT})")
+        diff = _differences(state["run"], self.settings)
+        if diff:
+            raise ValueError(f"checkpoint {path} was made with other settings ({'; '.join(diff)}; checkpoint vs "
+                             f"now); resume with the same settings or start a new run")
+        self.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.log.truncate_after(self.step)
+
+    def save(self) -> Path:
+        state = {"format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
+                 "elapsed": self.elapsed, "data": self.data.state_dict(), "rng": rng_state(), "run": self.settings}
+        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        if self.config.bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics record."""
+        cfg = self.config
+        start = time.perf_counter()
+        self.model.train()
+        loss_sum, tokens = 0.0, 0
+        sums: dict[str, float] = {}
+        loads: dict[int, torch.Tensor] = {}
+        for _ in range(cfg.grad_accum):
+            batch = self.data.next_batch(cfg.batch_size).to(self.device)
+            with self._autocast():
+                result = self.objective(self.model, batch)
+            (result.loss / cfg.grad_accum).backward()
+            loss_sum += float(result.loss.detach())
+            tokens += result.tokens
+            for key, value in result.metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            for layer, load in result.expert_load.items():
+                loads[layer] = loads[layer] + load if layer in loads else load.clone()
+        loss = loss_sum / cfg.grad_accum
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step + 1}; lower the learning rate or "
+                                     f"check the data")
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        lr = set_lr(self.optimizer, lr_factor(self.step, warmup=cfg.warmup_steps, total=cfg.steps,
+                                              min_ratio=cfg.min_lr_ratio))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        balance = {}
+        if self.objective.updates_router_bias and loads:
+            balance = update_router_bias(self.model, loads, cfg.bias_update_gamma)
+        self.step += 1
+        self.tokens_seen += tokens
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_seen": self.tokens_seen, "tokens_per_s": tokens / seconds, "step_s": seconds,
+                  **{k: v / cfg.grad_accum for k, v in sums.items()}, **balance}
+        return record
+
+    def fit(self, resume: bool | str | Path = False, stop_at: int | None = None) -> list[dict[str, Any]]:
+        """Train until `config.steps`, or only until step `stop_at` (a job with a time limit; the
+        run continues later with `resume=True`). Either way the last step is checkpointed.
+        Returns the train records of the steps run by this call."""
+        cfg = self.config
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        if resume:
+            self._restore(self._resolve(resume))
+        else:
+            if self.checkpointer.latest() is not None:
+                raise ValueError(f"{self.out_dir} already holds checkpoints ({self.checkpointer.latest().name}); "
+                                 f"pass --resume to continue that run, or choose another output folder")
+            self.log.truncate_after(0)       # records of a run killed before its first checkpoint
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+        history: list[dict[str, Any]] = []
+        progress = Progress(cfg.steps, self.step, self.objective.name, enabled=cfg.progress)
+        saved_at = self.step
+        try:
+            while self.step < end:
+                record = self.train_step()
+                history.append(record)
+                progress.update(record["loss"], record["tokens_per_s"])
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.log.write(record)
+                if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.log.write({"kind": "eval", "step": self.step, **self.run_evaluation()})
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+                    saved_at = self.step
+            if saved_at != self.step or self.checkpointer.latest() is None:
+                self.save()
+        finally:
+            progress.close()
+        return history
+
+    def run_evaluation(self) -> dict[str, float]:
+        assert self.evaluate is not None
+        self.model.eval()
+        with torch.no_grad():
+            return self.evaluate(self.model)
