@@ -30,7 +30,8 @@ from torch import nn
 from ..config import ModelConfig
 from .rope import apply_rope_half
 
-_SCORE_BUDGET_BYTES = 64 * 2**20   # (block, H_I, S) float32 per block of queries
+_SCORE_BUDGET_BYTES = 8 * 2**20    # (block, H_I, S) float32 per block of queries; blocks that fit
+                                   # in cache select 2x faster on CPU than 64 MB ones (T=2K, B=2)
 _FP8_MAX = 448.0                   # largest finite float8_e4m3fn
 
 
