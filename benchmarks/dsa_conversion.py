@@ -162,11 +162,12 @@ def main() -> None:
 def print_table(args, results: dict, steps: dict, timings: dict) -> None:
     print()
     print(f"| model (T={args.seq_len}, k={args.topk}) | held-out loss | exact match | answer token acc "
-          f"| answer NLL | recall | recall past k |")
-    print("|---|---|---|---|---|---|---|")
+          f"| answer NLL | recall | recall past k | recall ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['lm_loss']:.4f} | {r['accuracy']:.3f} | {r['token_accuracy']:.3f} "
-              f"| {r['answer_nll']:.3f} | {r['indexer_recall']:.3f} | {r.get('indexer_recall_past_k', float('nan')):.3f} |")
+              f"| {r['answer_nll']:.3f} | {r['indexer_recall']:.3f} | {r.get('indexer_recall_past_k', float('nan')):.3f} "
+              f"| {r['indexer_recall_ceiling']:.3f} |")
     d, s = results["dense continued"], results["sparse trained"]
     loss_gap = 100 * (s["lm_loss"] - d["lm_loss"]) / d["lm_loss"]
     acc_gap = 100 * (s["accuracy"] - d["accuracy"])

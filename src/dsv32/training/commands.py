@@ -294,7 +294,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = accuracy_summary(rows)
         results[mode] = {**lm, **recall, **summary, "retrieval": rows}
         print(f"[{mode}] held-out loss {lm['lm_loss']:.4f} (ppl {lm['perplexity']:.3f}), indexer recall "
-              f"{recall['indexer_recall']:.3f}, retrieval exact match {summary['accuracy']:.3f} (answer tokens "
+              f"{recall['indexer_recall']:.3f} (ceiling {recall['indexer_recall_ceiling']:.3f}), retrieval exact match {summary['accuracy']:.3f} (answer tokens "
               f"{summary['token_accuracy']:.3f}, NLL {summary['answer_nll']:.3f})")
         _print_grid(rows, args.lengths, args.depths)
         if out_dir is not None:
