@@ -55,6 +55,6 @@ def test_unknown_or_non_retrieval_task_is_refused():
     with pytest.raises(ValueError, match="unknown task 'passkee'"):
         retrieval_eval(Oracle(), TOK, tasks=["passkee"], lengths=[300], depths=[0.5], examples_per_cell=1,
                        attention=AttentionOptions())
-    with pytest.raises(ValueError, match="is a reasoning task"):
+    with pytest.raises(ValueError, match="is a reasoning task; retrieval tasks are"):
         retrieval_eval(Oracle(), TOK, tasks=["arithmetic"], lengths=[300], depths=[0.5], examples_per_cell=1,
                        attention=AttentionOptions())

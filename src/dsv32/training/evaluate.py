@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import Tokenizer
-from .tasks import get_task
+from .tasks import TASKS, get_task
 
 
 @torch.no_grad()
@@ -45,11 +45,13 @@ def lm_eval(model: DSV32ForCausalLM, sequences: torch.Tensor, *, attention: Atte
     return {"lm_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def _check_retrieval_task(name: str) -> None:
-    task = get_task(name)                    # raises on an unknown name, listing the known ones
-    if task.kind != "retrieval":
-        raise ValueError(f"task {name!r} is a {task.kind} task; retrieval evaluation takes passkey, "
-                         f"multikey_niah or variable_tracking")
+def check_retrieval_tasks(names: Sequence[str]) -> None:
+    """Raise ValueError naming the first unknown or non-retrieval task in `names`."""
+    for name in names:
+        task = get_task(name)                # raises on an unknown name, listing the known ones
+        if task.kind != "retrieval":
+            raise ValueError(f"task {name!r} is a {task.kind} task; retrieval tasks are "
+                             f"{[n for n, t in TASKS.items() if t.kind == 'retrieval']}")
 
 
 @torch.no_grad()
@@ -61,8 +63,7 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
     `examples_per_cell` examples (each drawn from its own seeded RNG, so a cell is the same
     set whatever else is evaluated). Returns one row per cell: task, length, depth, n,
     accuracy (exact match), correct, token_accuracy and answer_nll (see `_teacher_forced`)."""
-    for name in tasks:
-        _check_retrieval_task(name)
+    check_retrieval_tasks(tasks)
     if isinstance(examples_per_cell, bool) or not isinstance(examples_per_cell, int) or examples_per_cell < 1:
         raise ValueError(f"examples_per_cell must be an integer >= 1, got {examples_per_cell!r}")
     limit = model.config.max_position_embeddings
