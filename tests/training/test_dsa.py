@@ -107,12 +107,14 @@ def test_selected_mass_is_one_when_everything_is_selected_and_matches_naive():
     q, kv = attention_queries(mla, x, cos, sin)
     everything = torch.arange(16).expand(1, 16, 16)
     everything = torch.where(everything <= torch.arange(16)[:, None], everything, -1)
-    torch.testing.assert_close(selected_mass(q, kv, mla.scale, everything), torch.ones(1, 16))
+    for mass in selected_mass(q, kv, mla.scale, everything):
+        torch.testing.assert_close(mass, torch.ones(1, 16))
     first_two = torch.tensor([[[0, -1]] + [[0, 1]] * 15])
     p = torch.softmax((torch.einsum("bthc,bsc->bhts", q, kv) * mla.scale)
                       .masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), float("-inf")), -1).mean(1)
-    mass = selected_mass(q, kv, mla.scale, first_two, chunk_budget_bytes=300)
+    mass, ceiling = selected_mass(q, kv, mla.scale, first_two, chunk_budget_bytes=300)
     torch.testing.assert_close(mass, p[..., :2].sum(-1))
+    torch.testing.assert_close(ceiling, p.topk(2, -1).values.sum(-1))
 
 
 def _grads(model):
@@ -155,4 +157,4 @@ def test_selection_report_recall_in_unit_interval_and_one_when_topk_covers_all()
     assert report.recall(64)["indexer_recall"] == pytest.approx(1.0, abs=1e-5)
     small = randomize_(DSV32ForCausalLM(tiny_config(index_topk=4)), seed=5)
     rec = selection_report(small, ids, attention=AttentionOptions(sparse=True)).recall(4)
-    assert 0.0 < rec["indexer_recall_past_k"] < rec["indexer_recall"] < 1.0
+    assert 0.0 < rec["indexer_recall_past_k"] < rec["indexer_recall"] < rec["indexer_recall_ceiling"] < 1.0

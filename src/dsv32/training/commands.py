@@ -36,13 +36,13 @@ from ..tokenizer import ByteTokenizer
 from .checkpointing import LocalCheckpointer
 from .data import PackedSequences, read_documents, split_documents, stdlib_documents
 from .dsa import IndexerWarmup, SparseTraining, selection_report
-from .evaluate import accuracy_summary, lm_eval, retrieval_eval
+from .evaluate import accuracy_summary, check_retrieval_tasks, lm_eval, retrieval_eval
 from .objectives import LanguageModeling
-from .tasks import MixedSequences, get_task
+from .tasks import MixedSequences
+from .tasks.mixing import RETRIEVAL_TASKS
 from .trainer import Trainer, TrainConfig
 
 Verb = Callable[..., argparse.ArgumentParser]
-RETRIEVAL = ("passkey", "multikey_niah", "variable_tracking")
 
 
 def _csv(kind: type) -> Callable[[str], list]:
@@ -70,7 +70,7 @@ def _train_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: i
     g.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/); required")
     g.add_argument("--task-fraction", type=float, default=0.25,
                    help="share of sequences that are retrieval examples (default 0.25)")
-    g.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL), help="retrieval tasks, comma-separated")
+    g.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
     g.add_argument("--steps", type=int, default=steps)
     g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -126,7 +126,7 @@ def register(verb: Verb) -> None:
     p.add_argument("--out", default=None, help="folder for eval.json and the pictures")
     p.add_argument("--attention", choices=["dense", "sparse", "both"], default="both")
     p.add_argument("--topk", type=int, default=None, help="index_topk to evaluate with (default: the model's)")
-    p.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL), help="retrieval tasks, comma-separated")
+    p.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
     p.add_argument("--lengths", type=_csv(int), default=[512, 1024, 2048], help="prompt lengths in tokens")
     p.add_argument("--depths", type=_csv(float), default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths")
     p.add_argument("--examples-per-cell", type=int, default=4)
@@ -161,12 +161,6 @@ def _check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} is beyond the model's max_position_embeddings="
                          f"{cfg.max_position_embeddings}")
-
-
-def _check_tasks(tasks: list[str]) -> None:
-    for name in tasks:
-        if get_task(name).kind != "retrieval":
-            raise ValueError(f"task {name!r} is not a retrieval task; choose from {list(RETRIEVAL)}")
 
 
 def _held_out(args: argparse.Namespace, val_docs, n: int) -> torch.Tensor:
@@ -212,7 +206,7 @@ def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_
          extra: dict[str, Any], lr_overrides: dict[str, float] | None = None) -> int:
     """Shared by pretrain and sparsify: data, trainer, fit, a one-line summary."""
     _check_seq_len(args.seq_len, model.config)
-    _check_tasks(args.tasks)
+    check_retrieval_tasks(args.tasks)
     config = _train_config(args, lr_overrides)          # validates the numbers before reading data
     train_docs, val_docs = _documents(args)
     tokenizer = ByteTokenizer()
@@ -274,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _require(args, "model")
     if args.attention not in ("dense", "sparse", "both"):
         raise ValueError(f"--attention must be 'dense', 'sparse' or 'both', got {args.attention!r}")
-    _check_tasks(args.tasks)
+    check_retrieval_tasks(args.tasks)
     model = load_model(args.model, args.device, args.topk).eval()
     _check_seq_len(args.seq_len, model.config)
     _, val_docs = _documents(args)
@@ -294,7 +288,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = accuracy_summary(rows)
         results[mode] = {**lm, **recall, **summary, "retrieval": rows}
         print(f"[{mode}] held-out loss {lm['lm_loss']:.4f} (ppl {lm['perplexity']:.3f}), indexer recall "
-              f"{recall['indexer_recall']:.3f}, retrieval accuracy {summary['accuracy']:.3f}")
+              f"{recall['indexer_recall']:.3f} (ceiling {recall['indexer_recall_ceiling']:.3f}), retrieval exact match {summary['accuracy']:.3f} (answer tokens "
+              f"{summary['token_accuracy']:.3f}, NLL {summary['answer_nll']:.3f})")
         _print_grid(rows, args.lengths, args.depths)
         if out_dir is not None:
             from .plots import plot_retrieval_heatmap, plot_selection

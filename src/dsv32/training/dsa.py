@@ -29,9 +29,9 @@ The main model's side is detached: targets come from `torch.no_grad` projections
 layer inputs, so the indexer loss never reaches the main model, and the model's forward runs
 the indexer under no_grad, so the LM loss never reaches the indexer.
 
-Left out: the paper's scale (k = 2048, 128K tokens) and its learning rates are defaults of the
-command line, not of these functions; and the optional window/sink slots of SPEC §2 count as
-selected like any other slot.
+Left out: the indexers of MTP layers (only the main layers' indexers train here, so an MTP
+module should run dense attention after conversion), and any special treatment of the
+optional window/sink slots of SPEC §2, which count as selected like any other slot.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from ..model.indexer import allowed_keys, index_scores
 from .objectives import StepResult, language_model_terms
 
 Metrics = dict[str, torch.Tensor]
-_CHUNK_BUDGET_BYTES = 64 * 2**20     # float32 (B, chunk, max(H, H_I), S or K) per chunk of queries
+_CHUNK_BUDGET_BYTES = 4 * 2**20      # float32 (B, chunk, max(H, H_I), S or K) per chunk of queries;
+                                     # small chunks stay in cache: 3x faster than 64 MB at T=2K on CPU
 
 
 # ------------------------------------------------------------------------------- pieces
@@ -111,10 +112,9 @@ class _ChunkedLoss(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_() for p in parts]
                 value = chunk_loss(t0, t1, *leaves)
-                g_q, g_w, g_k = torch.autograd.grad(value, leaves, allow_unused=True)
-            for dest, g, sl in zip(grads, (g_q, g_w, g_k), (slice(t0, t1), slice(t0, t1), slice(0, t1))):
-                if g is not None:
-                    dest[:, sl] += g
+                chunk_grads = torch.autograd.grad(value, leaves)
+            for dest, g, sl in zip(grads, chunk_grads, (slice(t0, t1), slice(t0, t1), slice(0, t1))):
+                dest[:, sl] += g
             total += value.detach()
         if need_grad:
             ctx.save_for_backward(*grads)
@@ -163,10 +163,12 @@ def indexer_warmup_loss(q: torch.Tensor, kv: torch.Tensor, scale: float, iq: tor
 
 # ------------------------------------------------------------------------------- stage 2
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of t (B, S, E) at slots idx (B, n, K) (clamped >= 0) -> (B, n, K, E)."""
+    """Rows of t (B, S, E) at slots idx (B, n, K) (clamped >= 0) -> (B, n, K, E). One
+    index_select over the flattened rows: 5x faster on CPU than gather with an expanded index."""
     B, n, K = idx.shape
-    flat = idx.clamp(min=0).reshape(B, n * K, 1).expand(B, n * K, t.shape[-1])
-    return t.gather(1, flat).view(B, n, K, t.shape[-1])
+    S, E = t.shape[1], t.shape[2]
+    flat = (idx.clamp(min=0) + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
+    return t.reshape(B * S, E).index_select(0, flat).view(B, n, K, E)
 
 
 def indexer_sparse_loss(q: torch.Tensor, kv: torch.Tensor, scale: float, iq: torch.Tensor,
@@ -207,40 +209,48 @@ def indexer_sparse_loss(q: torch.Tensor, kv: torch.Tensor, scale: float, iq: tor
 @torch.no_grad()
 def selected_mass(q: torch.Tensor, kv: torch.Tensor, scale: float, indices: torch.Tensor,
                   key_valid: torch.Tensor | None = None, *,
-                  chunk_budget_bytes: int | None = None) -> torch.Tensor:
+                  chunk_budget_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The share of each query's dense attention mass (head-averaged, over all allowed keys)
-    that falls inside its selected set: q (B, T, H, C), kv (B, T, C), indices (B, T, K) ->
-    (B, T) in [0, 1]; padding queries get 0. Computed in chunks of queries."""
+    that falls inside its selected set, and the most that any set of that many keys could
+    hold (the mass of the top-K keys of the dense attention itself: recall's ceiling).
+
+    q (B, T, H, C), kv (B, T, C), indices (B, T, K) -> two (B, T) in [0, 1]; padding queries
+    get 0. Computed in chunks of queries."""
     B, T, H, _ = q.shape
+    K = indices.shape[-1]
     chunk = _chunk_size(B, T, H, chunk_budget_bytes)
-    out = torch.zeros(B, T, device=q.device)
+    captured = torch.zeros(B, T, device=q.device)
+    ceiling = torch.zeros(B, T, device=q.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         allowed = allowed_keys(t1, torch.arange(t0, t1, device=q.device), key_valid)
         real = allowed.any(-1)
         p = dense_attention_target(q[:, t0:t1], kv[:, :t1], scale, allowed | ~real[..., None])
         idx = indices[:, t0:t1]
-        picked = p.gather(-1, idx.clamp(min=0)) * (idx >= 0)
-        out[:, t0:t1] = picked.sum(-1) * real
-    return out
+        captured[:, t0:t1] = (p.gather(-1, idx.clamp(min=0)) * (idx >= 0)).sum(-1) * real
+        ceiling[:, t0:t1] = p.topk(min(K, t1), dim=-1).values.sum(-1) * real
+    return captured, ceiling
 
 
 @dataclass
 class SelectionReport:
-    """Per layer: the selected slots (B, T, K) and the dense attention mass they capture (B, T)."""
+    """Per layer: the selected slots (B, T, K), the dense attention mass they capture (B, T),
+    and the most any K keys could capture (B, T)."""
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
     mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    ceiling: dict[int, torch.Tensor] = field(default_factory=dict)
     query_valid: torch.Tensor | None = None         # (B, T) bool, None = all real
 
     def recall(self, topk: int | None = None) -> dict[str, float]:
-        """Mean captured mass over real queries and layers ("indexer_recall"); with `topk`, also
-        over the queries that have more than `topk` allowed keys only ("indexer_recall_past_k"),
-        where selection actually drops keys."""
+        """Mean captured mass over real queries and layers ("indexer_recall") and its ceiling
+        ("indexer_recall_ceiling"); with `topk`, also over the queries that have more than
+        `topk` allowed keys only ("indexer_recall_past_k"), where selection drops keys."""
         out: dict[str, float] = {}
         layers = sorted(self.mass)
         stacked = torch.stack([self.mass[i] for i in layers])                    # (L, B, T)
         valid = torch.ones_like(stacked[0], dtype=torch.bool) if self.query_valid is None else self.query_valid
         out["indexer_recall"] = float(stacked[:, valid].mean())
+        out["indexer_recall_ceiling"] = float(torch.stack([self.ceiling[i] for i in layers])[:, valid].mean())
         for i in layers:
             out[f"indexer_recall/layer{i}"] = float(self.mass[i][valid].mean())
         if topk is not None:
@@ -270,7 +280,7 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
         idx = mla.indexer.select(iq, iw, ik, 0, ctx.key_valid)
         q, kv = attention_queries(mla, kept["x"], ctx.cos, ctx.sin)
         report.indices[i] = idx
-        report.mass[i] = selected_mass(q, kv, mla.scale, idx, ctx.key_valid)
+        report.mass[i], report.ceiling[i] = selected_mass(q, kv, mla.scale, idx, ctx.key_valid)
     return report
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import Tokenizer
-from .tasks import get_task
+from .tasks import TASKS, get_task
 
 
 @torch.no_grad()
@@ -45,11 +45,13 @@ def lm_eval(model: DSV32ForCausalLM, sequences: torch.Tensor, *, attention: Atte
     return {"lm_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def _check_retrieval_task(name: str) -> None:
-    task = get_task(name)                    # raises on an unknown name, listing the known ones
-    if task.kind != "retrieval":
-        raise ValueError(f"task {name!r} is a {task.kind} task; retrieval evaluation takes passkey, "
-                         f"multikey_niah or variable_tracking")
+def check_retrieval_tasks(names: Sequence[str]) -> None:
+    """Raise ValueError naming the first unknown or non-retrieval task in `names`."""
+    for name in names:
+        task = get_task(name)                # raises on an unknown name, listing the known ones
+        if task.kind != "retrieval":
+            raise ValueError(f"task {name!r} is a {task.kind} task; retrieval tasks are "
+                             f"{[n for n, t in TASKS.items() if t.kind == 'retrieval']}")
 
 
 @torch.no_grad()
@@ -59,10 +61,9 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
                    task_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Exact-match accuracy of every (task, prompt length in tokens, needle depth) cell over
     `examples_per_cell` examples (each drawn from its own seeded RNG, so a cell is the same
-    set whatever else is evaluated). Returns one row per cell: task, length, depth, correct,
-    n, accuracy."""
-    for name in tasks:
-        _check_retrieval_task(name)
+    set whatever else is evaluated). Returns one row per cell: task, length, depth, n,
+    accuracy (exact match), correct, token_accuracy and answer_nll (see `_teacher_forced`)."""
+    check_retrieval_tasks(tasks)
     if isinstance(examples_per_cell, bool) or not isinstance(examples_per_cell, int) or examples_per_cell < 1:
         raise ValueError(f"examples_per_cell must be an integer >= 1, got {examples_per_cell!r}")
     limit = model.config.max_position_embeddings
@@ -84,34 +85,45 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
                                          f"answer, beyond the model's max_position_embeddings={limit}")
                     seqs.append(ids)
                     prompt_lens.append(len(prompt))
-                correct = _teacher_forced_matches(model, seqs, prompt_lens, device, attention, batch_size)
-                rows.append({"task": name, "length": length, "depth": depth, "correct": correct,
-                             "n": examples_per_cell, "accuracy": correct / examples_per_cell})
+                scores = _teacher_forced(model, seqs, prompt_lens, device, attention, batch_size)
+                rows.append({"task": name, "length": length, "depth": depth, "n": examples_per_cell,
+                             "accuracy": scores["correct"] / examples_per_cell, **scores})
     return rows
 
 
-def _teacher_forced_matches(model, seqs: list[list[int]], prompt_lens: list[int], device,
-                            attention: AttentionOptions, batch_size: int) -> int:
-    """How many sequences have argmax == next token at every position from prompt_len - 1 on."""
+def _teacher_forced(model, seqs: list[list[int]], prompt_lens: list[int], device,
+                    attention: AttentionOptions, batch_size: int) -> dict[str, float]:
+    """Over the answer positions (answer tokens and EOS): `correct`, how many sequences have
+    argmax == next token at every one; `token_accuracy`, the share of positions right; and
+    `answer_nll`, the mean negative log-likelihood per position (graded signals that move
+    before exact match does)."""
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, (ids, p) in enumerate(zip(seqs, prompt_lens)):
         by_shape.setdefault((len(ids), p), []).append(i)     # equal shapes batch without padding
-    correct = 0
+    correct, hits, nll, positions = 0, 0, 0.0, 0
     for (L, P), members in by_shape.items():
         keep = L - P + 1                                     # positions P-1 .. L-1 (the last is unused)
         for j in range(0, len(members), batch_size):
             batch = torch.tensor([seqs[i] for i in members[j:j + batch_size]], device=device)
-            logits = model(batch, attention=attention, logits_to_keep=keep).logits[:, :-1]
-            hits = (logits.argmax(-1) == batch[:, P:]).all(-1)
-            correct += int(hits.sum())
-    return correct
+            logits = model(batch, attention=attention, logits_to_keep=keep).logits[:, :-1].float()
+            targets = batch[:, P:]                           # (b, L - P): answer tokens, then EOS
+            right = logits.argmax(-1) == targets
+            correct += int(right.all(-1).sum())
+            hits += int(right.sum())
+            nll += float(F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+            positions += targets.numel()
+    return {"correct": correct, "token_accuracy": hits / positions, "answer_nll": nll / positions}
 
 
 def accuracy_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Overall accuracy and accuracy per task over retrieval rows."""
+    """Exact-match accuracy, answer token accuracy and answer NLL, overall and per task
+    (cells weighted by their number of examples)."""
     out: dict[str, float] = {}
-    for name in sorted({r["task"] for r in rows}):
-        sel = [r for r in rows if r["task"] == name]
-        out[f"accuracy/{name}"] = sum(r["correct"] for r in sel) / sum(r["n"] for r in sel)
-    out["accuracy"] = sum(r["correct"] for r in rows) / max(1, sum(r["n"] for r in rows))
+    groups = {name: [r for r in rows if r["task"] == name] for name in sorted({r["task"] for r in rows})}
+    for name, sel in [*groups.items(), ("", list(rows))]:
+        suffix = f"/{name}" if name else ""
+        n = max(1, sum(r["n"] for r in sel))
+        out[f"accuracy{suffix}"] = sum(r["correct"] for r in sel) / n
+        out[f"token_accuracy{suffix}"] = sum(r["token_accuracy"] * r["n"] for r in sel) / n
+        out[f"answer_nll{suffix}"] = sum(r["answer_nll"] * r["n"] for r in sel) / n
     return out

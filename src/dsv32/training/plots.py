@@ -4,7 +4,8 @@
   (columns), one panel per task plus their mean;
 * `plot_selection` — for one real sequence and one layer: the causal mask (which keys each
   query may see), the indexer's actual selection (which keys each query attends to under
-  DSA), and, per query, the share of the dense attention mass that selection captures.
+  DSA), and, per query, the share of the dense attention mass that selection captures next
+  to the most any k keys could capture.
 
 Figures are drawn on `matplotlib.figure.Figure` objects and saved with the Agg renderer,
 without pyplot, so nothing global (backend, open figures) is touched and no display is needed.
@@ -84,7 +85,7 @@ def plot_selection(report: SelectionReport, layer: int, path: str | Path, *, row
     selected = torch.zeros(T, T + 1, dtype=torch.bool)
     selected.scatter_(1, torch.where(idx >= 0, idx, T), True)               # -1 lands in a spare column
     selected = selected[:, :T]
-    mass = report.mass[layer][row].cpu()
+    mass, ceiling = report.mass[layer][row].cpu(), report.ceiling[layer][row].cpu()
 
     fig = _figure(13.0, 4.4)
     ax_mask, ax_sel, ax_mass = fig.subplots(1, 3)
@@ -96,12 +97,15 @@ def plot_selection(report: SelectionReport, layer: int, path: str | Path, *, row
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
     positions = torch.arange(T)[valid]
-    ax_mass.plot(positions.numpy(), mass[valid].numpy(), lw=0.8)
+    ax_mass.plot(positions.numpy(), ceiling[valid].numpy(), lw=0.8, color="tab:orange",
+                 label="best possible (top-k of the dense attention)")
+    ax_mass.plot(positions.numpy(), mass[valid].numpy(), lw=0.8, color="tab:blue", label="indexer's selection")
     ax_mass.axvline(idx.shape[1] - 0.5, color="grey", ls=":", lw=0.8, label="k (all keys selected before)")
     ax_mass.set_ylim(0, 1.02)
     ax_mass.set_xlabel("query position")
     ax_mass.set_ylabel("dense attention mass inside the selection")
-    ax_mass.set_title(f"captured mass (mean {float(mass[valid].mean()):.3f})")
+    ax_mass.set_title(f"captured mass: mean {float(mass[valid].mean()):.3f} of at most "
+                      f"{float(ceiling[valid].mean()):.3f}")
     ax_mass.legend(loc="lower left", fontsize=8)
     fig.suptitle(title or f"layer {layer}")
     path = Path(path)

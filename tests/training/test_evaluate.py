@@ -1,0 +1,60 @@
+"""Retrieval scoring by teacher forcing: the positions checked are exactly the answer and EOS."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dsv32 import AttentionOptions
+from dsv32.tokenizer import ByteTokenizer
+from dsv32.training.evaluate import accuracy_summary, retrieval_eval
+
+TOK = ByteTokenizer()
+
+
+class Oracle(nn.Module):
+    """Predicts the true next token of whatever it reads (it peeks ahead), except that it never
+    predicts the token `avoid` (byte 0 instead)."""
+
+    def __init__(self, avoid: int | None = None) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self.config = SimpleNamespace(max_position_embeddings=100_000)
+        self.avoid = avoid
+
+    def forward(self, ids, attention=None, logits_to_keep=0):
+        nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
+        if self.avoid is not None:
+            nxt = torch.where(nxt == self.avoid, 0, nxt)
+        logits = torch.nn.functional.one_hot(nxt, TOK.vocab_size).float() * 30.0
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def _run(model, **kw):
+    return retrieval_eval(model, TOK, tasks=["passkey"], lengths=[300], depths=[0.0, 1.0], examples_per_cell=3,
+                          attention=AttentionOptions(sparse=False), **kw)
+
+
+def test_a_model_that_predicts_every_answer_token_and_eos_scores_one():
+    rows = _run(Oracle())
+    assert [r["accuracy"] for r in rows] == [1.0, 1.0]
+    assert all(r["token_accuracy"] == 1.0 and r["answer_nll"] < 1e-6 for r in rows)
+
+
+def test_missing_the_terminator_fails_exact_match_only():
+    rows = _run(Oracle(avoid=TOK.eos_id))
+    summary = accuracy_summary(rows)
+    assert summary["accuracy"] == 0.0
+    assert summary["token_accuracy"] == pytest.approx(5 / 6)       # 5 key digits right, EOS wrong
+
+
+def test_unknown_or_non_retrieval_task_is_refused():
+    with pytest.raises(ValueError, match="unknown task 'passkee'"):
+        retrieval_eval(Oracle(), TOK, tasks=["passkee"], lengths=[300], depths=[0.5], examples_per_cell=1,
+                       attention=AttentionOptions())
+    with pytest.raises(ValueError, match="is a reasoning task; retrieval tasks are"):
+        retrieval_eval(Oracle(), TOK, tasks=["arithmetic"], lengths=[300], depths=[0.5], examples_per_cell=1,
+                       attention=AttentionOptions())
