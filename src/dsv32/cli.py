@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("info", "print the size of a preset or a checkpoint's config", _cmd_info)
     p.add_argument("model", help="a preset name (tiny, small, v3.2) or a checkpoint folder")
+
+    from .rl import commands as rl_commands
+    rl_commands.register(verb)                 # sft, grpo
     return parser
 
 

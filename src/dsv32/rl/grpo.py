@@ -41,7 +41,7 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +57,11 @@ from .replay import policy_logprobs
 from .rewards import RewardFn, RewardScorer, is_correct, task_reward
 from .rollout import Rollout, collect_rollout, greedy_accuracy
 from .state import MetricsLog, load_state, progress, save_state
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A config field with the help text the command line shows (`dsv32.rl.commands`)."""
+    return field(default=default, metadata={"help": help})
 
 
 def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
@@ -77,33 +82,33 @@ class GRPOConfig:
     """Hyper-parameters of `train_grpo`. Defaults: the V3.2 recipe with all four stabilisers on
     (the paper does not publish beta or delta; ours are sized for the small models here)."""
 
-    steps: int = 100                    # rollout + update rounds
-    prompts_per_step: int = 8
-    group_size: int = 8                 # G, samples per prompt (>= 2)
-    max_new_tokens: int = 16
-    temperature: float = 1.0            # > 0; log-probs are computed at this temperature
-    top_k: int = 0                      # 0 = off
-    top_p: float = 1.0                  # 1 = off
-    sampler_fp8_cache: bool = False     # sample over the FP8 latent cache, as a production engine would
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0              # max global gradient norm
-    ppo_epochs: int = 1                 # passes over each rollout
-    minibatches: int = 1                # updates per pass
-    eps_low: float = 0.2                # clip range (1 - eps_low, 1 + eps_high)
-    eps_high: float = 0.2
-    beta: float = 0.01                  # KL weight (0: the KL is only reported)
-    kl_estimator: str = "unbiased"      # "unbiased" | "k3" | "none"
-    delta: float | None = 0.1           # off-policy mask threshold; None = no mask
-    aggregation: str = "sequence_mean"  # "sequence_mean" | "token_mean"
-    scale_by_std: bool = False          # divide advantages by the group std (V3.2 does not)
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
-    failure_reward: float = 0.0         # what a failed reward call scores
-    seed: int = 0
-    checkpoint_every: int = 0           # steps between checkpoints; 0 = at the end only
-    keep_checkpoints: int = 1
-    eval_every: int = 0                 # steps between greedy held-out evaluations; 0 = never
+    steps: int = _opt(100, "rollout + update rounds")
+    prompts_per_step: int = _opt(8, "prompts per rollout")
+    group_size: int = _opt(8, "G, samples per prompt (>= 2)")
+    max_new_tokens: int = _opt(16, "longest completion")
+    temperature: float = _opt(1.0, "sampling temperature (> 0); log-probs are computed at it")
+    top_k: int = _opt(0, "sampling top-k, 0 = off")
+    top_p: float = _opt(1.0, "sampling top-p, 1 = off")
+    sampler_fp8_cache: bool = _opt(False, "sample over the FP8 latent cache, as a production engine would")
+    lr: float = _opt(1e-5, "AdamW learning rate (constant)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "max global gradient norm")
+    ppo_epochs: int = _opt(1, "passes over each rollout")
+    minibatches: int = _opt(1, "updates per pass")
+    eps_low: float = _opt(0.2, "clip range low side: r >= 1 - eps_low")
+    eps_high: float = _opt(0.2, "clip range high side: r <= 1 + eps_high")
+    beta: float = _opt(0.01, "KL weight (0: the KL is only reported)")
+    kl_estimator: str = _opt("unbiased", "unbiased (V3.2 eq. 7) | k3 | none")
+    delta: float | None = _opt(0.1, "off-policy mask threshold; None = no mask")
+    aggregation: str = _opt("sequence_mean", "sequence_mean (the paper's) | token_mean")
+    scale_by_std: bool = _opt(False, "divide advantages by the group std (V3.2 does not)")
+    keep_routing: bool = _opt(True, "replay the sampler's MoE expert ids in training")
+    keep_sampling_mask: bool = _opt(True, "compute pi_theta and pi_ref over the sampler's kept set")
+    failure_reward: float = _opt(0.0, "what a failed reward call scores")
+    seed: int = _opt(0, "seeds the prompt order, rollouts and mini-batches")
+    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end only")
+    keep_checkpoints: int = _opt(1, "checkpoints kept")
+    eval_every: int = _opt(0, "steps between greedy held-out evaluations; 0 = never")
 
     def __post_init__(self) -> None:
         for name, low in (("steps", 1), ("prompts_per_step", 1), ("group_size", 2), ("max_new_tokens", 1),

@@ -19,7 +19,7 @@ a short warm start; the model is saved once at the end by the caller). The gener
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,13 +37,13 @@ IGNORE = -100
 
 @dataclass
 class SFTConfig:
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-3             # peak rate, after `warmup_steps` of linear warm-up, then cosine to lr/10
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "examples per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak rate: linear warm-up, then cosine down to lr/10"})
+    warmup_steps: int = field(default=20, metadata={"help": "steps of linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
+    seed: int = field(default=0, metadata={"help": "seeds the example order"})
 
     def __post_init__(self) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0)):
