@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 from .grpo import GRPOConfig
 from .losses import AGGREGATIONS, KL_ESTIMATORS
-from .sft import SFTConfig
+from .sft import SCHEDULES, SFTConfig
 
-_CHOICES = {"kl_estimator": KL_ESTIMATORS, "aggregation": AGGREGATIONS}
+_CHOICES = {"kl_estimator": KL_ESTIMATORS, "aggregation": AGGREGATIONS, "schedule": SCHEDULES}
 
 
 def _float_or_none(text: str) -> float | None:

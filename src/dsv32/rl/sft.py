@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +33,16 @@ from .datasets import PromptSampler, encode_prompt
 from .state import MetricsLog, progress
 
 IGNORE = -100
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
 class SFTConfig:
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "examples per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak rate: linear warm-up, then cosine down to lr/10"})
+    lr: float = field(default=1e-3, metadata={"help": "peak rate, reached after the linear warm-up"})
+    schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (down to lr/10 at the last "
+                                                               "step) | constant"})
     warmup_steps: int = field(default=20, metadata={"help": "steps of linear warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
@@ -55,11 +58,15 @@ class SFTConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not (value >= 0 if low_ok else value > 0):
                 raise ValueError(f"{name} must be a number {'>= 0' if low_ok else '> 0'}, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update `step` (1-based)."""
         if step <= self.warmup_steps:
             return self.lr * step / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
@@ -94,9 +101,12 @@ def sft_loss(model: DSV32ForCausalLM, inputs: torch.Tensor, mask: torch.Tensor,
 
 
 def train_sft(model: DSV32ForCausalLM, tokenizer: Tokenizer, dataset: Sequence[Example], config: SFTConfig, *,
-              metrics_path: str | Path | None = None, show_progress: bool = True) -> list[dict[str, Any]]:
+              metrics_path: str | Path | None = None, show_progress: bool = True,
+              stop: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
     """Fine-tune `model` in place on `dataset`; returns one metrics record per step (step, loss,
-    lr, grad_norm), also written to `metrics_path` (JSONL) when given."""
+    lr, grad_norm), also written to `metrics_path` (JSONL) when given. stop(record), called
+    after every step, ends training early by returning True (e.g. once a validation accuracy
+    is reached; the "constant" schedule suits a run of unknown length)."""
     cfg = config
     sampler = PromptSampler(dataset, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -121,6 +131,8 @@ def train_sft(model: DSV32ForCausalLM, tokenizer: Tokenizer, dataset: Sequence[E
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             bar.update()
+        if stop is not None and stop(record):
+            break
     if bar is not None:
         bar.close()
     model.eval()
