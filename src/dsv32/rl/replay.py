@@ -30,7 +30,13 @@ low-side clipping and a positive off-policy statistic. Swapping in the untruncat
 pi_old would hide that mismatch by comparing with a policy that did not generate the data.
 
 Left out on purpose: fusing the LM head with the log-prob (the vocabulary here is small; the
-chunked log-prob path bounds the float temporaries for large ones).
+chunked log-prob path bounds the float temporaries for large ones); and replaying DSA's top-k
+key selection, which V3.2 does not list among its stabilisers. It is the attention analogue of
+a routing flip: when sparse attention bites (more keys than index_topk), index scores near the
+top-k boundary can rank differently in the sampler's batched decode and in the training
+forward, and then pi_theta != pi_old at identical weights (on a random `tiny` model, up to
+0.25 nats on some tokens). With every key selected (sequences <= index_topk) the two agree to
+float precision.
 """
 
 from __future__ import annotations
