@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .training.commands import register as register_training  # pretrain, sparsify, eval
     register_training(verb)
+    from .rl import commands as rl_commands
+    rl_commands.register(verb)                 # sft, grpo
     return parser
 
 

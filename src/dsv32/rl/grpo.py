@@ -1,0 +1,309 @@
+"""The GRPO loop with the DeepSeek-V3.2 stabilisers (SPEC §5).
+
+Each step:
+
+    1. take `prompts_per_step` examples from the dataset (seeded shuffle, resumable);
+    2. roll out G = `group_size` completions per prompt with the current policy, which is pi_old
+       (`dsv32.inference.generate`: temperature / top-k / top-p, per-row seeds), recording
+       log-probs, kept sets and expert routing;
+    3. score them with the reward functions and take group advantages A_i = R_i - mean_group R;
+    4. pi_ref log-probs from the frozen reference (a copy of the initial policy), once;
+    5. `ppo_epochs` passes over the B = prompts * G sequences in `minibatches` shuffled
+       mini-batches, one AdamW step (after gradient clipping) each. Every update after the first
+       sees data sampled by an older policy: this is what makes GRPO off-policy, and what the
+       clip, the off-policy mask and the unbiased KL are for;
+    6. one metrics record per step (JSONL), a checkpoint every `checkpoint_every` steps.
+
+The stabilisers, each switchable: `kl_estimator` "unbiased" (eq. 7) or "k3" (with `beta` > 0),
+`delta` (off-policy sequence mask; None = off), `keep_routing`, `keep_sampling_mask` (see
+`dsv32.rl.replay`, which also says what pi_old is when the sampling mask is off).
+
+Metrics per step: reward_mean, reward_std (mean within-group), accuracy (task scorer, sampled
+completions), zero_std_frac, reward_failures, response_length, truncated_frac; averaged over the
+step's updates: loss, pg_objective, kl (kl_mean), clip_frac, masked_frac, kl_old_theta,
+ratio_mean, entropy, grad_norm; ratio_max / ratio_min over all updates; mismatch, the mean
+|log pi_theta - log pi_old| at the step's first update, where the weights are still the
+sampler's — any deviation there is sampler/trainer mismatch, not learning; eval_accuracy
+(greedy, held-out) every `eval_every` steps; rollout_seconds and update_seconds.
+
+Randomness is a function of (seed, step): the prompt order, the rollout seeds and the
+mini-batch order, so a resumed run repeats an uninterrupted one exactly.
+
+Left out on purpose: a learning-rate schedule (RL fine-tuning here uses a constant rate),
+the auxiliary-loss-free router bias update (the bias stays as loaded), distributed rollout and
+training engines, and reward models — see `dsv32.rl.rewards`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..model import DSV32ForCausalLM
+from ..tokenizer import Tokenizer
+from ..training.tasks import Example
+from .advantages import group_advantages
+from .datasets import PromptSampler
+from .losses import AGGREGATIONS, KL_ESTIMATORS, grpo_loss
+from .replay import policy_logprobs
+from .rewards import RewardFn, RewardScorer, is_correct, task_reward
+from .rollout import Rollout, collect_rollout, greedy_accuracy
+from .state import MetricsLog, load_state, progress, save_state
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A config field with the help text the command line shows (`dsv32.rl.commands`)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class GRPOConfig:
+    """Hyper-parameters of `train_grpo`. Defaults: the V3.2 recipe with all four stabilisers on
+    (the paper does not publish beta or delta; ours are sized for the small models here)."""
+
+    steps: int = _opt(100, "rollout + update rounds")
+    prompts_per_step: int = _opt(8, "prompts per rollout")
+    group_size: int = _opt(8, "G, samples per prompt (>= 2)")
+    max_new_tokens: int = _opt(16, "longest completion")
+    temperature: float = _opt(1.0, "sampling temperature (> 0); log-probs are computed at it")
+    top_k: int = _opt(0, "sampling top-k, 0 = off")
+    top_p: float = _opt(1.0, "sampling top-p, 1 = off")
+    sampler_fp8_cache: bool = _opt(False, "sample over the FP8 latent cache, as a production engine would")
+    lr: float = _opt(1e-5, "AdamW learning rate (constant)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "max global gradient norm")
+    ppo_epochs: int = _opt(1, "passes over each rollout")
+    minibatches: int = _opt(1, "updates per pass")
+    eps_low: float = _opt(0.2, "clip range low side: r >= 1 - eps_low")
+    eps_high: float = _opt(0.2, "clip range high side: r <= 1 + eps_high")
+    beta: float = _opt(0.01, "KL weight (0: the KL is only reported)")
+    kl_estimator: str = _opt("unbiased", "unbiased (V3.2 eq. 7) | k3 | none")
+    delta: float | None = _opt(0.1, "off-policy mask threshold; None = no mask")
+    aggregation: str = _opt("sequence_mean", "sequence_mean (the paper's) | token_mean")
+    scale_by_std: bool = _opt(False, "divide advantages by the group std (V3.2 does not)")
+    keep_routing: bool = _opt(True, "replay the sampler's MoE expert ids in training")
+    keep_sampling_mask: bool = _opt(True, "compute pi_theta and pi_ref over the sampler's kept set")
+    failure_reward: float = _opt(0.0, "what a failed reward call scores")
+    seed: int = _opt(0, "seeds the prompt order, rollouts and mini-batches")
+    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end only")
+    keep_checkpoints: int = _opt(1, "checkpoints kept")
+    eval_every: int = _opt(0, "steps between greedy held-out evaluations; 0 = never")
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 1), ("prompts_per_step", 1), ("group_size", 2), ("max_new_tokens", 1),
+                          ("top_k", 0), ("ppo_epochs", 1), ("minibatches", 1), ("checkpoint_every", 0),
+                          ("keep_checkpoints", 1), ("eval_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            _check(name, _is_int(value) and value >= low, f"an integer >= {low}", value)
+        B = self.prompts_per_step * self.group_size
+        _check("minibatches", self.minibatches <= B,
+               f"<= prompts_per_step * group_size = {B} (each mini-batch needs a sequence)", self.minibatches)
+        _check("temperature", _is_number(self.temperature) and self.temperature > 0,
+               "> 0 (GRPO samples; greedy decoding has no policy gradient)", self.temperature)
+        _check("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 = off)", self.top_p)
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            _check(name, _is_number(value) and value > 0, "a number > 0", value)
+        for name in ("weight_decay", "beta"):
+            value = getattr(self, name)
+            _check(name, _is_number(value) and value >= 0, "a number >= 0", value)
+        for name in ("eps_low", "eps_high"):
+            value = getattr(self, name)
+            _check(name, _is_number(value) and 0 < value < 1, "in (0, 1)", value)
+        _check("delta", self.delta is None or (_is_number(self.delta) and self.delta > 0),
+               "> 0, or None to switch the off-policy mask off", self.delta)
+        _check("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}", self.kl_estimator)
+        _check("aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}", self.aggregation)
+        _check("failure_reward", _is_number(self.failure_reward), "a finite number", self.failure_reward)
+        for name in ("sampler_fp8_cache", "scale_by_std", "keep_routing", "keep_sampling_mask"):
+            value = getattr(self, name)
+            _check(name, isinstance(value, bool), "true or false", value)
+
+
+def _rng(seed: int, step: int, purpose: str) -> int:
+    """A 63-bit seed that depends only on (seed, step, purpose)."""
+    return random.Random(f"grpo/{seed}/{step}/{purpose}").getrandbits(63)
+
+
+@torch.no_grad()
+def _reference_logprobs(reference: DSV32ForCausalLM, rollout: Rollout, cfg: GRPOConfig,
+                        rows_per_pass: int) -> torch.Tensor:
+    """log pi_ref (B, N) over the whole rollout, `rows_per_pass` sequences per forward pass."""
+    out = torch.zeros(rollout.logp_old.shape)
+    for idx in torch.arange(rollout.size).split(rows_per_pass):
+        part = rollout.select(idx)
+        logp, _, _ = policy_logprobs(reference, part, temperature=cfg.temperature,
+                                     keep_routing=cfg.keep_routing, keep_sampling_mask=cfg.keep_sampling_mask)
+        out[idx, :logp.shape[1]] = logp
+    return out
+
+
+def _summarise(records: list[dict[str, float]]) -> dict[str, float]:
+    """One value per metric over a step's updates: extremes for ratio_max/min, else the mean."""
+    out: dict[str, float] = {}
+    for key in records[0]:
+        values = [r[key] for r in records if key in r]
+        out[key] = max(values) if key == "ratio_max" else min(values) if key == "ratio_min" \
+            else sum(values) / len(values)
+    return out
+
+
+def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, rollout: Rollout,
+                ref_logp: torch.Tensor | None, cfg: GRPOConfig, step: int) -> dict[str, float]:
+    """`ppo_epochs` x `minibatches` clipped-surrogate updates on one scored rollout.
+
+    rollout: with `advantages` set (B,); ref_logp: (B, N) log pi_ref, or None without a KL.
+    Returns the update metrics of this step (see the module docstring).
+    """
+    assert rollout.advantages is not None, "score the rollout before updating on it"
+    gen = torch.Generator().manual_seed(_rng(cfg.seed, step, "minibatches"))
+    rows = -(-rollout.size // cfg.minibatches)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    records: list[dict[str, float]] = []
+    skipped = 0
+    policy.train()
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(rollout.size, generator=gen).split(rows):
+            mb = rollout.select(idx)
+            logp, logits, kept = policy_logprobs(policy, mb, temperature=cfg.temperature,
+                                                 keep_routing=cfg.keep_routing,
+                                                 keep_sampling_mask=cfg.keep_sampling_mask)
+            ref = None if ref_logp is None else ref_logp[idx, :logp.shape[1]]
+            loss, m = grpo_loss(logp, mb.logp_old, mb.advantages, mb.completion_mask, logp_ref=ref,
+                                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+                                kl_estimator=cfg.kl_estimator, delta=cfg.delta, aggregation=cfg.aggregation,
+                                logits=logits.detach(), kept=kept)
+            record = {k: float(v) for k, v in m.items()}
+            if not records:
+                valid = mb.completion_mask
+                gap = (logp.detach() - mb.logp_old).abs()
+                record["mismatch"] = float(torch.where(valid, gap, 0).sum() / valid.sum().clamp(min=1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            record["grad_norm"] = float(norm)
+            if torch.isfinite(norm):
+                optimizer.step()
+            else:                # a non-finite gradient would poison AdamW's moments for good
+                skipped += 1
+            records.append(record)
+    out = _summarise(records)
+    out["kl"] = out.pop("kl_mean", None)          # None (null) without a KL estimator
+    out["skipped_updates"] = skipped
+    return out
+
+
+def train_grpo(
+    policy: DSV32ForCausalLM,
+    tokenizer: Tokenizer,
+    dataset: Sequence[Example],
+    config: GRPOConfig,
+    *,
+    reward_fns: RewardFn | Sequence[RewardFn] | None = None,
+    out_dir: str | Path | None = None,
+    eval_examples: Sequence[Example] | None = None,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Fine-tune `policy` in place with GRPO; returns the metrics records of the steps run.
+
+    dataset: prompts with their answers (`dsv32.rl.datasets`). reward_fns: callables
+    (prompt, completion, example) -> float, summed; default the exact-match reward of the
+    dataset's task (`meta["task"]` of its first example). out_dir: where checkpoints and
+    `metrics.jsonl` go; a run whose out_dir holds a checkpoint resumes from it (policy,
+    reference, optimizer, data position, RNG). eval_examples: held-out prompts for
+    `eval_accuracy` (greedy) every `config.eval_every` steps.
+    """
+    cfg = config
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: give at least one example")
+    if reward_fns is None:
+        task = dataset[0].meta.get("task")
+        if task is None:
+            raise ValueError("reward_fns is required for examples from no built-in task (meta['task'] unset)")
+        reward_fns = task_reward(task)
+    scorer = RewardScorer(reward_fns, failure_value=cfg.failure_reward)
+    if cfg.eval_every and not eval_examples:
+        raise ValueError(f"eval_every={cfg.eval_every} needs eval_examples")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    models = {"policy": policy, "reference": reference}
+    sampler = PromptSampler(dataset, seed=cfg.seed)
+    start = 0
+    log = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        saved = load_state(out, models=models, optimizer=optimizer)
+        if saved is not None:
+            start, sampler.position = saved["step"], saved["data_position"]
+        log = MetricsLog(out / "metrics.jsonl", resume_step=start if saved is not None else None)
+
+    G, B = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    history: list[dict[str, Any]] = []
+    bar = progress(cfg.steps, start, "grpo") if show_progress else None
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        examples = sampler.take(cfg.prompts_per_step)
+        seeds = [_rng(cfg.seed, step, f"row{i}") for i in range(B)]
+        rollout = collect_rollout(policy, tokenizer, examples, group_size=G, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds,
+                                  record_routing=cfg.keep_routing, fp8_cache=cfg.sampler_fp8_cache)
+        prompts = [ex.prompt for ex in rollout.examples]
+        scores = scorer(prompts, rollout.completions, rollout.examples)
+        adv, adv_metrics = group_advantages(scores.rewards.view(-1, G), scale_by_std=cfg.scale_by_std)
+        rollout.advantages = adv.reshape(-1)
+        t1 = time.perf_counter()
+
+        ref_logp = None
+        if cfg.kl_estimator != "none":
+            ref_logp = _reference_logprobs(reference, rollout, cfg, rows_per_pass=-(-B // cfg.minibatches))
+        record: dict[str, Any] = {
+            "step": step,
+            "reward_mean": float(scores.rewards.mean()),
+            "reward_std": float(adv_metrics["reward_std"]),
+            "accuracy": sum(map(is_correct, rollout.examples, rollout.completions)) / B,
+            "zero_std_frac": float(adv_metrics["zero_std_frac"]),
+            "reward_failures": scores.failures,
+            "response_length": float(rollout.lengths.float().mean()),
+            "truncated_frac": rollout.finish_reason.count("length") / B,
+        }
+        record.update(grpo_update(policy, optimizer, rollout, ref_logp, cfg, step))
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            record["eval_accuracy"] = greedy_accuracy(policy, tokenizer, eval_examples,
+                                                      max_new_tokens=cfg.max_new_tokens)
+        record["rollout_seconds"] = t1 - t0
+        record["update_seconds"] = time.perf_counter() - t1
+        history.append(record)
+        if log is not None:
+            log.write(record)
+            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                save_state(out_dir, step, models=models, optimizer=optimizer, keep=cfg.keep_checkpoints,
+                           state={"step": step, "data_position": sampler.position,
+                                  "config": dataclasses.asdict(cfg)})
+        if bar is not None:
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.3f}", refresh=False)
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return history

@@ -1,0 +1,85 @@
+"""The training forward pass of GRPO: log-probs of the sampled completions under a model,
+replaying what the sampler recorded (SPEC §5, "keep routing" and "keep sampling mask").
+
+Shapes as in `dsv32.rl.rollout`: B sequences, P prompt width, N completion width, V vocabulary.
+
+    input      sequences[:, :P+N-1]      the last token is only ever a target
+    logits     the last N positions      position P-1+t predicts completion token t
+    log-prob   token_logprobs(logits / T, completion, kept)      (B, N)
+
+keep_routing: the MoE layers use the expert ids recorded while sampling (`routing=`), the gate
+    weights being recomputed on those experts, so a routing decision that would flip between the
+    sampler and the trainer (numerics of a different engine, a router or bias that moved since
+    sampling, a policy several updates ahead) does not change which sub-network is trained.
+    Positions the sampler never routed (-1, the final token) route freely.
+keep_sampling_mask: log-probs are renormalised over the kept set of the sampler's top-k/top-p
+    truncation at each position, at the sampling temperature, so pi_theta shares the action
+    space of the distribution the tokens were drawn from.
+
+The reference policy goes through the same function with the same switches: with both on, all
+three policies (pi_old, pi_theta, pi_ref) are compared on one action space and one expert path,
+and the KL measures only what the parameters changed.
+
+What pi_old is when keep_sampling_mask is OFF. pi_old stays the sampler's own log-prob of the
+drawn token under the truncated distribution it actually sampled from: that is the behaviour
+policy of the data, and only it makes r = pi_theta / pi_old an importance weight for these
+samples. pi_theta is then a full-vocabulary probability, so even with identical weights
+r = p_full(y) / p_kept(y) = (probability mass of the kept set) <= 1 — the action-space
+mismatch the stabiliser removes, visible as a ratio below 1 before any update, spurious
+low-side clipping and a positive off-policy statistic. Swapping in the untruncated log-prob as
+pi_old would hide that mismatch by comparing with a policy that did not generate the data.
+
+Left out on purpose: fusing the LM head with the log-prob (the vocabulary here is small; the
+chunked log-prob path bounds the float temporaries for large ones); and replaying DSA's top-k
+key selection, which V3.2 does not list among its stabilisers. It is the attention analogue of
+a routing flip: when sparse attention bites (more keys than index_topk), index scores near the
+top-k boundary can rank differently in the sampler's batched decode and in the training
+forward, and then pi_theta != pi_old at identical weights (on a random `tiny` model, up to
+0.25 nats on some tokens). With every key selected (sequences <= index_topk) the two agree to
+float precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import DSV32ForCausalLM
+from .logprobs import token_logprobs
+from .rollout import Rollout
+
+_LOGPROB_CHUNK_BYTES = 64 * 2**20   # float32 (C, V) temporaries of the chunked log-prob path
+
+
+def policy_logprobs(
+    model: DSV32ForCausalLM,
+    batch: Rollout,
+    *,
+    temperature: float,
+    keep_routing: bool = True,
+    keep_sampling_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log pi(completion tokens) under `model`, replaying the sampler's records as switched.
+
+    temperature: the sampling temperature (> 0); logits are divided by it, as the sampler did.
+    Returns (logp (B, N) float32, differentiable when grad is enabled; the tempered logits
+    (B, N, V) for diagnostics; the kept ids used (B, N, K) or None).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for policy log-probs (greedy decoding has no policy "
+                         f"to optimise), got {temperature}")
+    if keep_routing and batch.routing is None:
+        raise ValueError("keep_routing=True needs the routing recorded at sampling "
+                         "(collect_rollout(..., record_routing=True))")
+    P = batch.prompt_len
+    N = batch.completion_mask.shape[1]
+    end = P + N - 1
+    routing = None
+    if keep_routing:
+        routing = {layer: r[:, :end] for layer, r in batch.routing.items()}
+    out = model(batch.sequences[:, :end], attention_mask=batch.attention_mask[:, :end], routing=routing,
+                logits_to_keep=N)
+    logits = out.logits.float() / temperature                                # (B, N, V)
+    kept = batch.kept if keep_sampling_mask else None
+    chunk = max(1, _LOGPROB_CHUNK_BYTES // (4 * logits.shape[-1]))
+    logp = token_logprobs(logits, batch.tokens, kept, chunk_size=chunk)     # (B, N)
+    return logp, logits, kept

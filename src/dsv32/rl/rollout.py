@@ -1,0 +1,158 @@
+"""Rollouts: G sampled completions per prompt with everything the sampler recorded, in the
+layout the GRPO update consumes; and greedy accuracy for evaluation.
+
+Shape legend: B = prompts * G sampled sequences (group g is rows g*G .. g*G+G-1), P the
+left-padded prompt width, N the longest completion, K the largest kept set of one step,
+k = num_experts_per_tok.
+
+    sequences        (B, P + N)   prompt (left-padded) then completion (pad after a stop)
+    attention_mask   (B, P + N)   True on real tokens: prompt tokens and completion tokens
+    completion_mask  (B, N)       True on generated tokens, the stop token included
+    logp_old         (B, N)       the sampler's log-prob of each drawn token, under the
+                                  distribution it actually sampled from (after top-k/top-p
+                                  truncation and renormalisation, at the sampling temperature)
+    kept             (B, N, K)    the kept token ids of that truncation, -1 padded; None when
+                                  sampling did not truncate
+    routing          {layer: (B, P + N, k)} expert ids chosen while sampling (-1: unknown,
+                                  route freely); None when not recorded
+
+Left out on purpose: asynchronous or partial rollouts (the sampler here is the policy itself,
+run synchronously between updates) and dropping of failed generations (every row is kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from ..inference import generate
+from ..model import DSV32ForCausalLM
+from ..tokenizer import Tokenizer
+from ..training.tasks import Example
+from .datasets import encode_prompt
+from .rewards import is_correct
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled sequences (see the module docstring for shapes)."""
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    completion_mask: torch.Tensor
+    logp_old: torch.Tensor
+    kept: torch.Tensor | None
+    routing: dict[int, torch.Tensor] | None
+    group_ids: torch.Tensor               # (B,) which prompt each row answers
+    examples: list[Example]               # (B,) the example of each row
+    completions: list[str]                # (B,) decoded completions, special tokens removed
+    finish_reason: list[str]              # (B,) "stop" | "length"
+    advantages: torch.Tensor | None = None   # (B,) set by the trainer once rewards are known
+
+    @property
+    def size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(B, N) completion ids."""
+        return self.sequences[:, self.prompt_len:]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) completion lengths, the stop token included."""
+        return self.completion_mask.sum(dim=1)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """Rows `idx` (1-D int64), with completion columns no selected row reaches dropped: a
+        causal forward over fewer trailing slots computes the same values for the kept ones."""
+        idx = idx.to(self.sequences.device)
+        mask = self.completion_mask[idx]
+        n = max(int(mask.sum(dim=1).max()), 1)
+        end = self.prompt_len + n
+        rows = idx.tolist()
+        return replace(
+            self,
+            sequences=self.sequences[idx, :end],
+            attention_mask=self.attention_mask[idx, :end],
+            completion_mask=mask[:, :n],
+            logp_old=self.logp_old[idx, :n],
+            kept=None if self.kept is None else self.kept[idx, :n],
+            routing=None if self.routing is None else {layer: r[idx, :end] for layer, r in self.routing.items()},
+            group_ids=self.group_ids[idx],
+            examples=[self.examples[i] for i in rows],
+            completions=[self.completions[i] for i in rows],
+            finish_reason=[self.finish_reason[i] for i in rows],
+            advantages=None if self.advantages is None else self.advantages[idx],
+        )
+
+
+@torch.no_grad()
+def collect_rollout(
+    model: DSV32ForCausalLM,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seeds: Sequence[int] | None = None,
+    record_routing: bool = True,
+    fp8_cache: bool = False,
+) -> Rollout:
+    """Sample `group_size` completions for each example with `dsv32.inference.generate`.
+
+    seeds: one per row (len(examples) * group_size), so a row's sample does not depend on the
+    batch it is in; None draws from the global generator. record_routing: record the experts
+    chosen (needed for keep routing). fp8_cache: sample over the simulated FP8 latent cache, as
+    a production inference engine would (its numerics then differ from the training forward).
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if not examples:
+        raise ValueError("no examples to roll out")
+    rows = [ex for ex in examples for _ in range(group_size)]
+    ids = [encode_prompt(tokenizer, ex.prompt) for ex in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        res = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=None if seeds is None else list(seeds),
+                       stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, record_routing=record_routing,
+                       record_kept=True, fp8_cache=fp8_cache)
+    finally:
+        model.train(was_training)
+    mask = res.completion_mask
+    return Rollout(
+        sequences=res.sequences(),
+        attention_mask=torch.cat((res.prompt_mask, mask), dim=1),
+        prompt_len=res.prompt_ids.shape[1],
+        completion_mask=mask,
+        logp_old=res.logprobs.float(),
+        kept=res.kept_padded(),
+        routing=dict(res.routing) if record_routing else None,
+        group_ids=torch.arange(len(examples)).repeat_interleave(group_size),
+        examples=rows,
+        completions=tokenizer.decode_batch(res.completions()),
+        finish_reason=res.finish_reason,
+    )
+
+
+@torch.no_grad()
+def greedy_accuracy(model: DSV32ForCausalLM, tokenizer: Tokenizer, examples: Sequence[Example], *,
+                    max_new_tokens: int, batch_size: int = 64) -> float:
+    """Fraction of `examples` the model solves with greedy decoding (see `rewards.is_correct`)."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        roll = collect_rollout(model, tokenizer, chunk, group_size=1, max_new_tokens=max_new_tokens,
+                               temperature=0.0, record_routing=False)
+        correct += sum(is_correct(ex, c) for ex, c in zip(chunk, roll.completions))
+    return correct / len(examples)
