@@ -106,6 +106,19 @@ def _generators(seed: int | Sequence[int] | None, B: int, device) -> list[torch.
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_done(done: bool, sync_ranks: bool) -> bool:
+    if not sync_ranks or _world() == 1:
+        return done
+    flag = torch.tensor([int(done)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
 @torch.no_grad()
 def generate(
     model: DSV32ForCausalLM,
@@ -125,6 +138,7 @@ def generate(
     fp8_cache: bool = False,
     prefill_chunk: int | None = None,
     attention: AttentionOptions | None = None,
+    sync_ranks: bool = False,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt (lists of token ids).
 
@@ -132,6 +146,9 @@ def generate(
     on its batch) or one seed per prompt. stop_tokens: default the config's eos_token_id.
     stream(step, tokens (B,), finished (B,)) is called after every step. cache: "static"
     (preallocated) or "growing". prefill_chunk: prefill the prompt this many tokens at a time.
+    sync_ranks: every rank of a process group calls this together (an FSDP-sharded model needs
+    all ranks in each forward pass): prompts are padded to the longest on any rank and the
+    loop stops only when every rank's rows have stopped.
     """
     params = SamplingParams(temperature, top_k, top_p)
     _validate(model, prompts, max_new_tokens)
@@ -147,6 +164,12 @@ def generate(
     B = len(prompts)
     gens = _generators(seed, B, device)
     ids, mask = left_pad(prompts, pad, device)
+    if sync_ranks and _world() > 1:
+        longest = torch.tensor([ids.shape[1]])
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        extra = int(longest) - ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (extra, 0), value=pad)
+        mask = torch.nn.functional.pad(mask, (extra, 0), value=False)
     P = ids.shape[1]
     if cache == "static":
         kv = StaticLatentCache(cfg, B, P + max_new_tokens, dtype=model.lm_head.weight.dtype, device=device,
@@ -186,7 +209,7 @@ def generate(
         finished |= live & torch.isin(s.tokens, stop)
         if stream is not None:
             stream(step, tokens[:, step], finished.clone())
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if _all_done(bool(finished.all()), sync_ranks) or step == max_new_tokens - 1:
             break
         out = model(tokens[:, step:step + 1], attention_mask=live[:, None], cache=kv, attention=attention,
                     record_routing=record_routing)

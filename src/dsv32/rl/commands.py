@@ -158,12 +158,16 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     if config.eval_every and not held_out:
         raise ValueError("--eval-every needs held-out prompts (--eval-size > 0, or --eval-dataset)")
     model, tokenizer = _load(args)
+    from ..training.distributed import init_distributed
+    info = init_distributed(str(next(model.parameters()).device))   # torchrun: FSDP2, rank 0 reports
     try:
         history = train_grpo(model, tokenizer, train, config, reward_fns=rewards, out_dir=args.out,
-                             eval_examples=held_out or None)
+                             eval_examples=held_out or None, dist=info)
     except RewardError as e:
         raise UserError(str(e)) from None
     out = Path(args.out)
+    if not info.is_main:
+        return 0
     if history:
         last = history[-1]
         print(f"grpo: step {last['step']}: reward {last['reward_mean']:.3f}, accuracy {last['accuracy']:.3f}"

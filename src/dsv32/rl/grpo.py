@@ -29,8 +29,14 @@ sampler's — any deviation there is sampler/trainer mismatch, not learning; eva
 Randomness is a function of (seed, step): the prompt order, the rollout seeds and the
 mini-batch order, so a resumed run repeats an uninterrupted one exactly.
 
+Under torchrun (`dist` with world size > 1) the policy and the reference are sharded with
+FSDP2; each rank rolls out, scores and trains on its contiguous share of the step's prompts
+(whole groups, so advantages stay local; row seeds are those of the global batch), FSDP2
+averages the gradients, logged numbers are averaged over ranks, and checkpoints are gathered
+to rank 0 in the single-process format (so they resume at any world size).
+
 Left out on purpose: a learning-rate schedule (RL fine-tuning here uses a constant rate),
-the auxiliary-loss-free router bias update (the bias stays as loaded), distributed rollout and
+the auxiliary-loss-free router bias update (the bias stays as loaded), separate rollout and
 training engines, and reward models — see `dsv32.rl.rewards`.
 """
 
@@ -56,6 +62,7 @@ from .losses import AGGREGATIONS, KL_ESTIMATORS, grpo_loss
 from .replay import policy_logprobs
 from .rewards import RewardFn, RewardScorer, is_correct, task_reward
 from .rollout import Rollout, collect_rollout, greedy_accuracy
+from ..training.distributed import DistInfo, shard_model
 from .state import MetricsLog, load_state, progress, save_state
 
 
@@ -214,6 +221,23 @@ def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, roll
     return out
 
 
+def _average_over_ranks(record: dict[str, Any], info: DistInfo) -> dict[str, Any]:
+    """Rank means of the numbers (extremes for ratio_max/min, sums for counts); same keys on every rank."""
+    out = dict(record)
+    for key in sorted(record):
+        value = record[key]
+        if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        op = {"ratio_max": torch.distributed.ReduceOp.MAX, "ratio_min": torch.distributed.ReduceOp.MIN}.get(
+            key, torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(t, op=op)
+        total = float(t)
+        out[key] = total if key in ("ratio_max", "ratio_min", "reward_failures", "skipped_updates") \
+            else total / info.world_size
+    return out
+
+
 def train_grpo(
     policy: DSV32ForCausalLM,
     tokenizer: Tokenizer,
@@ -224,6 +248,7 @@ def train_grpo(
     out_dir: str | Path | None = None,
     eval_examples: Sequence[Example] | None = None,
     show_progress: bool = True,
+    dist: DistInfo | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune `policy` in place with GRPO; returns the metrics records of the steps run.
 
@@ -245,7 +270,14 @@ def train_grpo(
     scorer = RewardScorer(reward_fns, failure_value=cfg.failure_reward)
     if cfg.eval_every and not eval_examples:
         raise ValueError(f"eval_every={cfg.eval_every} needs eval_examples")
+    info = dist or DistInfo()
+    if info.enabled and cfg.prompts_per_step % info.world_size:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
+                         f"{info.world_size} (each rank takes whole groups)")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if info.enabled:
+        shard_model(policy)
+        shard_model(reference)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     models = {"policy": policy, "reference": reference}
@@ -257,18 +289,23 @@ def train_grpo(
         saved = load_state(out, models=models, optimizer=optimizer)
         if saved is not None:
             start, sampler.position = saved["step"], saved["data_position"]
-        log = MetricsLog(out / "metrics.jsonl", resume_step=start if saved is not None else None)
+        if info.is_main:
+            log = MetricsLog(out / "metrics.jsonl", resume_step=start if saved is not None else None)
 
     G, B = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    local = cfg.prompts_per_step // info.world_size          # prompts per rank
+    lo, hi = info.rank * local, (info.rank + 1) * local
     history: list[dict[str, Any]] = []
-    bar = progress(cfg.steps, start, "grpo") if show_progress else None
+    bar = progress(cfg.steps, start, "grpo") if show_progress and info.is_main else None
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
-        examples = sampler.take(cfg.prompts_per_step)
-        seeds = [_rng(cfg.seed, step, f"row{i}") for i in range(B)]
+        examples = sampler.take(cfg.prompts_per_step)[lo:hi]
+        seeds = [_rng(cfg.seed, step, f"row{i}") for i in range(lo * G, hi * G)]
         rollout = collect_rollout(policy, tokenizer, examples, group_size=G, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds,
-                                  record_routing=cfg.keep_routing, fp8_cache=cfg.sampler_fp8_cache)
+                                  record_routing=cfg.keep_routing, fp8_cache=cfg.sampler_fp8_cache,
+                                  sync_ranks=info.enabled)
+        B = rollout.size
         prompts = [ex.prompt for ex in rollout.examples]
         scores = scorer(prompts, rollout.completions, rollout.examples)
         adv, adv_metrics = group_advantages(scores.rewards.view(-1, G), scale_by_std=cfg.scale_by_std)
@@ -291,16 +328,18 @@ def train_grpo(
         record.update(grpo_update(policy, optimizer, rollout, ref_logp, cfg, step))
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             record["eval_accuracy"] = greedy_accuracy(policy, tokenizer, eval_examples,
-                                                      max_new_tokens=cfg.max_new_tokens)
+                                                      max_new_tokens=cfg.max_new_tokens, rank=info.rank,
+                                                      world_size=info.world_size)
         record["rollout_seconds"] = t1 - t0
         record["update_seconds"] = time.perf_counter() - t1
+        if info.enabled:
+            record = _average_over_ranks(record, info)
         history.append(record)
         if log is not None:
             log.write(record)
-            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save_state(out_dir, step, models=models, optimizer=optimizer, keep=cfg.keep_checkpoints,
-                           state={"step": step, "data_position": sampler.position,
-                                  "config": dataclasses.asdict(cfg)})
+        if out_dir is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            save_state(out_dir, step, models=models, optimizer=optimizer, keep=cfg.keep_checkpoints, dist=info,
+                       state={"step": step, "data_position": sampler.position, "config": dataclasses.asdict(cfg)})
         if bar is not None:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.3f}", refresh=False)
             bar.update()

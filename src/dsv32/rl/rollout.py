@@ -104,6 +104,7 @@ def collect_rollout(
     seeds: Sequence[int] | None = None,
     record_routing: bool = True,
     fp8_cache: bool = False,
+    sync_ranks: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each example with `dsv32.inference.generate`.
 
@@ -111,6 +112,7 @@ def collect_rollout(
     batch it is in; None draws from the global generator. record_routing: record the experts
     chosen (needed for keep routing). fp8_cache: sample over the simulated FP8 latent cache, as
     a production inference engine would (its numerics then differ from the training forward).
+    sync_ranks: every rank of a process group rolls out together (see `generate`).
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
@@ -124,7 +126,7 @@ def collect_rollout(
         res = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=None if seeds is None else list(seeds),
                        stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, record_routing=record_routing,
-                       record_kept=True, fp8_cache=fp8_cache)
+                       record_kept=True, fp8_cache=fp8_cache, sync_ranks=sync_ranks)
     finally:
         model.train(was_training)
     mask = res.completion_mask
@@ -145,14 +147,24 @@ def collect_rollout(
 
 @torch.no_grad()
 def greedy_accuracy(model: DSV32ForCausalLM, tokenizer: Tokenizer, examples: Sequence[Example], *,
-                    max_new_tokens: int, batch_size: int = 64) -> float:
-    """Fraction of `examples` the model solves with greedy decoding (see `rewards.is_correct`)."""
+                    max_new_tokens: int, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> float:
+    """Fraction of `examples` the model solves with greedy decoding (see `rewards.is_correct`).
+    With world_size > 1, every rank of the process group calls this together and evaluates
+    its share of the examples; the fraction is over all of them."""
     if not examples:
         raise ValueError("no examples to evaluate")
+    mine = examples[rank::world_size]
     correct = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    # Every rank runs the same number of batches (an FSDP forward needs all ranks).
+    batches = -(-len(examples[0::world_size]) // batch_size)
+    for b in range(batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size] or examples[:1]   # a filler batch
         roll = collect_rollout(model, tokenizer, chunk, group_size=1, max_new_tokens=max_new_tokens,
-                               temperature=0.0, record_routing=False)
-        correct += sum(is_correct(ex, c) for ex, c in zip(chunk, roll.completions))
+                               temperature=0.0, record_routing=False, sync_ranks=world_size > 1)
+        if mine[b * batch_size:(b + 1) * batch_size]:
+            correct += sum(is_correct(ex, c) for ex, c in zip(chunk, roll.completions))
+    if world_size > 1:
+        total = torch.tensor([float(correct)])
+        torch.distributed.all_reduce(total)
+        correct = int(total)
     return correct / len(examples)

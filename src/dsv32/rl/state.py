@@ -15,9 +15,15 @@ is complete by construction and a crash mid-save leaves the previous one untouch
 checkpoints are deleted only after the new one is in place. Everything is loaded with
 `torch.load(..., weights_only=True)`: no pickled code runs on resume.
 
+Under torchrun (FSDP2-sharded models) every rank calls `save_state` / `load_state` together:
+the full weights and optimizer state are gathered to rank 0, which writes the same files as a
+single process would, and every rank loads them back into its shards. The optimizer state is
+stored by parameter name (torch.distributed.checkpoint.state_dict's full form), so a
+checkpoint resumes at any world size.
+
 Left out on purpose: fsync of the written files (a power cut can still lose the newest
-checkpoint, never corrupt the previous one), distributed (sharded) checkpoints, and
-asynchronous saving.
+checkpoint, never corrupt the previous one), sharded (per-rank) files — the RL models here are
+small enough to gather — and asynchronous saving.
 """
 
 from __future__ import annotations
@@ -32,8 +38,14 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_pretrained
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from ..checkpoint import load_pretrained, write_checkpoint
+from ..checkpoint.keymap import hf_state_items
 from ..model import DSV32ForCausalLM
+from ..training.distributed import DistInfo, barrier
 
 _PREFIX = "checkpoint-"
 
@@ -52,27 +64,46 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _full_weights(model: DSV32ForCausalLM) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_state(directory: str | Path, step: int, *, models: Mapping[str, DSV32ForCausalLM],
-               optimizer: torch.optim.Optimizer, state: Mapping[str, Any], keep: int = 1) -> Path:
+               optimizer: torch.optim.Optimizer, state: Mapping[str, Any], keep: int = 1,
+               optimizer_model: str = "policy", dist: DistInfo | None = None) -> Path:
     """Write checkpoint `step` under `directory` atomically; keep the newest `keep` (>= 1).
 
     models: name -> model, each saved in the Hugging Face layout under its name.
+    optimizer: the optimizer of `models[optimizer_model]`.
     state: JSON-serialisable loop state (step, data position, ...), returned by `load_state`.
+    dist: under torchrun, every rank calls this; rank 0 writes.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the checkpoint just written is always kept), got {keep}")
+    info = dist or DistInfo()
+    weights = {name: _full_weights(model) for name, model in models.items()}        # collective
+    optim = get_optimizer_state_dict(models[optimizer_model], optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{_PREFIX}{step:06d}"
+    if info.is_main:
+        _write(directory, final, models, weights, optim, state)
+        for old in _checkpoints(directory)[:-keep]:
+            shutil.rmtree(old)
+    barrier(info)
+    return final
+
+
+def _write(directory: Path, final: Path, models, weights, optim, state) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         for name, model in models.items():
-            model.save_pretrained(tmp / name)
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-                   tmp / "optimizer.pt")
+            write_checkpoint(hf_state_items(weights[name], model.config), model.config, tmp / name)
+        torch.save({"optimizer": optim, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state), indent=1, sort_keys=True) + "\n")
         aside = None
         if final.exists():          # the same step saved again: move the old copy aside until replaced
@@ -84,23 +115,23 @@ def save_state(directory: str | Path, step: int, *, models: Mapping[str, DSV32Fo
         raise
     if aside is not None:
         shutil.rmtree(aside)
-    for old in _checkpoints(directory)[:-keep]:
-        shutil.rmtree(old)
-    return final
 
 
 def load_state(directory: str | Path, *, models: Mapping[str, DSV32ForCausalLM],
-               optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+               optimizer: torch.optim.Optimizer, optimizer_model: str = "policy") -> dict[str, Any] | None:
     """Restore the newest checkpoint under `directory` into `models` and `optimizer` (and
-    torch's global RNG) in place. Returns its loop state, or None when there is none."""
+    torch's global RNG) in place. Returns its loop state, or None when there is none. Under
+    torchrun every rank calls this and loads into its shards."""
     path = latest_checkpoint(directory)
     if path is None:
         return None
+    full = StateDictOptions(full_state_dict=True)
     for name, model in models.items():
-        weights = load_pretrained(path / name).state_dict()
-        model.load_state_dict(weights)
+        set_model_state_dict(model, load_pretrained(path / name).state_dict(), options=full)
     saved = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    # Not strict: parameters that never had a gradient (the indexer under the GRPO loss) have no state.
+    set_optimizer_state_dict(models[optimizer_model], optimizer, saved["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(saved["torch_rng"])
     return json.loads((path / "state.json").read_text())
 

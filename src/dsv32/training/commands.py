@@ -35,6 +35,7 @@ from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import ByteTokenizer
 from .checkpointing import LocalCheckpointer
 from .data import PackedSequences, read_documents, split_documents, stdlib_documents
+from .distributed import init_distributed, shard_model
 from .dsa import IndexerWarmup, SparseTraining, selection_report
 from .evaluate import accuracy_summary, check_retrieval_tasks, lm_eval, retrieval_eval
 from .objectives import LanguageModeling
@@ -224,10 +225,15 @@ def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_
     run_info = {"data": {"corpus": args.corpus or "stdlib", "max_bytes": args.max_bytes,
                          "val_fraction": args.val_fraction, "seq_len": args.seq_len,
                          "task_fraction": args.task_fraction, "tasks": args.tasks}, **extra}
-    trainer = Trainer(model, objective, data, config, args.out, evaluate=evaluate, run_info=run_info)
+    info = init_distributed(args.device)
+    if info.enabled:                      # torchrun: FSDP2 shards, DCP checkpoints, rank 0 reports
+        shard_model(model)
+    trainer = Trainer(model, objective, data, config, args.out, evaluate=evaluate, run_info=run_info, dist=info)
     history = trainer.fit(resume=args.resume, stop_at=args.stop_at)
     last = history[-1] if history else None
     where = trainer.checkpointer.latest()
+    if not info.is_main:
+        return 0
     if last is None:
         print(f"nothing to do: {where} is already at step {trainer.step} of {config.steps}")
     else:

@@ -23,8 +23,10 @@ torchrun provides.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,10 +119,20 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+@contextlib.contextmanager
+def _single_process_ok(info: DistInfo):
+    """DCP warns when used without a process group; on one process that is what we mean."""
+    with warnings.catch_warnings():
+        if not info.enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class DCPCheckpointer:
     """Sharded checkpoints with torch.distributed.checkpoint (see the module docstring).
 
-    Layout: checkpoint-XXXXXXXX/{config.json, trainer_state.pt, dcp/ (model + optimizer shards)}.
+    Layout: checkpoint-XXXXXXXX/{config.json, model.safetensors (the gathered model, HF layout),
+    trainer_state.pt, dcp/ (model + optimizer shards, what resume reads)}.
     Works at world size 1 too (a plain model), which is how a sharded run's checkpoint is
     resumed on a single process."""
 
@@ -152,10 +164,12 @@ class DCPCheckpointer:
             tmp.mkdir()
         barrier(self.info)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
-        barrier(self.info)
+        with _single_process_ok(self.info):
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+        # Also the full model in the HF layout (gathered on rank 0), so that a run folder loads with
+        # `load_pretrained` whatever world size wrote it.
+        save_full_model(model, tmp, self.info)
         if self.info.is_main:
-            model.config.save(tmp / "config.json")
             torch.save(state, tmp / STATE_NAME)
             os.replace(tmp, final)
             for old in self.checkpoints()[:-self.keep]:
@@ -179,7 +193,8 @@ class DCPCheckpointer:
         target = {"model": model_sd, "optimizer": optim_sd}
         # Partial: parameters that never received a gradient (the indexer under an LM loss)
         # have no optimizer state in the checkpoint, and need none.
-        dcp.load(target, checkpoint_id=str(path / DCP_DIR), planner=DefaultLoadPlanner(allow_partial_load=True))
+        with _single_process_ok(self.info):
+            dcp.load(target, checkpoint_id=str(path / DCP_DIR), planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
         return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
 
@@ -196,3 +211,14 @@ def save_full_model(model: DSV32ForCausalLM, path: str | Path, info: DistInfo) -
     if info.is_main:
         write_checkpoint(hf_state_items(full, model.config), model.config, path)
     barrier(info)
+
+
+def checkpointer_for(root: str | Path, info: DistInfo, *, keep: int = 1):
+    """DCP checkpoints under torchrun, or when the run folder already holds DCP checkpoints (a
+    sharded run resumed on one process); plain local checkpoints otherwise."""
+    from .checkpointing import LocalCheckpointer
+    dcp_ckpt = DCPCheckpointer(root, info, keep=keep)
+    latest = dcp_ckpt.latest()
+    if info.enabled or (latest is not None and (latest / DCP_DIR).is_dir()):
+        return dcp_ckpt
+    return LocalCheckpointer(root, keep=keep)

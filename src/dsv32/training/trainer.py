@@ -17,9 +17,13 @@ settings (the fields of `TrainConfig` other than the logging/saving cadence) or 
 differ, and a fresh run refuses a folder that already holds checkpoints, so nothing is
 overwritten by mistake.
 
+Under torchrun (`dist` with world size > 1) the model is sharded with FSDP2 by the caller,
+every rank draws the same global batch and trains on its slice, expert loads and logged
+numbers are summed/averaged over ranks (so every rank applies the same router-bias update),
+checkpoints go through `DCPCheckpointer`, and only rank 0 writes metrics or shows progress.
+
 bf16 autocast is for CUDA only; on CPU training runs in float32 (bf16 matmuls are far slower
-there). Left out: data/tensor/expert parallelism (an FSDP2 backend plugs in through the
-`Checkpointer` interface and a sharded data source) and dropout (DeepSeek uses none).
+there). Left out: tensor/expert/pipeline parallelism and dropout (DeepSeek uses none).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ import numpy as np
 import torch
 
 from ..model import DSV32ForCausalLM
-from .checkpointing import Checkpointer, LocalCheckpointer
+from .checkpointing import Checkpointer
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, checkpointer_for, local_batch
 from .metrics import MetricsLog, Progress
 from .objectives import Objective
 from .optim import build_optimizer, lr_factor, param_groups, set_lr, update_router_bias
@@ -142,7 +147,7 @@ class Trainer:
     def __init__(self, model: DSV32ForCausalLM, objective: Objective, data: DataSource, config: TrainConfig,
                  out_dir: str | Path, *, checkpointer: Checkpointer | None = None,
                  evaluate: Callable[[DSV32ForCausalLM], dict[str, float]] | None = None,
-                 run_info: dict[str, Any] | None = None) -> None:
+                 run_info: dict[str, Any] | None = None, dist: DistInfo | None = None) -> None:
         self.device = next(model.parameters()).device
         if config.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast needs a CUDA device; on CPU training runs in float32 (drop --bf16)")
@@ -154,8 +159,12 @@ class Trainer:
                               lr_overrides=config.lr_overrides.items())
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(groups, betas=config.betas, eps=config.eps)
-        self.checkpointer = checkpointer or LocalCheckpointer(self.out_dir / "checkpoints",
-                                                              keep=config.keep_checkpoints)
+        self.dist = dist or DistInfo()
+        if self.dist.enabled and config.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the world size "
+                             f"{self.dist.world_size} (each rank trains on an equal slice of the global batch)")
+        self.checkpointer = checkpointer or checkpointer_for(self.out_dir / "checkpoints", self.dist,
+                                                             keep=config.keep_checkpoints)
         self.log = MetricsLog(self.out_dir / "metrics.jsonl")
         self.settings = _jsonable({"train": config.run_settings(), "objective": objective.settings(),
                                    **(run_info or {})})
@@ -188,7 +197,8 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        self.log.truncate_after(self.step)
+        if self.dist.is_main:
+            self.log.truncate_after(self.step)
 
     def save(self) -> Path:
         state = {"format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
@@ -210,7 +220,7 @@ class Trainer:
         sums: dict[str, float] = {}
         loads: dict[int, torch.Tensor] = {}
         for _ in range(cfg.grad_accum):
-            batch = self.data.next_batch(cfg.batch_size).to(self.device)
+            batch = local_batch(self.data.next_batch(cfg.batch_size), self.dist).to(self.device)
             with self._autocast():
                 result = self.objective(self.model, batch)
             (result.loss / cfg.grad_accum).backward()
@@ -220,7 +230,11 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + float(value)
             for layer, load in result.expert_load.items():
                 loads[layer] = loads[layer] + load if layer in loads else load.clone()
-        loss = loss_sum / cfg.grad_accum
+        loss = all_reduce_mean(loss_sum / cfg.grad_accum, self.dist)
+        if self.dist.enabled:
+            tokens = int(all_reduce_sum(torch.tensor(tokens), self.dist))
+            sums = {k: all_reduce_mean(v, self.dist) for k, v in sorted(sums.items())}
+            loads = {layer: all_reduce_sum(load, self.dist) for layer, load in sorted(loads.items())}
         if not np.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step + 1}; lower the learning rate or "
                                      f"check the data")
@@ -254,22 +268,25 @@ class Trainer:
             if self.checkpointer.latest() is not None:
                 raise ValueError(f"{self.out_dir} already holds checkpoints ({self.checkpointer.latest().name}); "
                                  f"pass --resume to continue that run, or choose another output folder")
-            self.log.truncate_after(0)       # records of a run killed before its first checkpoint
+            if self.dist.is_main:
+                self.log.truncate_after(0)   # records of a run killed before its first checkpoint
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
         history: list[dict[str, Any]] = []
-        progress = Progress(cfg.steps, self.step, self.objective.name, enabled=cfg.progress)
+        progress = Progress(cfg.steps, self.step, self.objective.name, enabled=cfg.progress and self.dist.is_main)
         saved_at = self.step
         try:
             while self.step < end:
                 record = self.train_step()
                 history.append(record)
                 progress.update(record["loss"], record["tokens_per_s"])
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.dist.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     self.log.write(record)
                 if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self.log.write({"kind": "eval", "step": self.step, **self.run_evaluation()})
+                    evaluation = self.run_evaluation()       # every rank: a sharded forward needs all
+                    if self.dist.is_main:
+                        self.log.write({"kind": "eval", "step": self.step, **evaluation})
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
                     saved_at = self.step

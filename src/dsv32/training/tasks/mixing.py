@@ -69,7 +69,8 @@ class MixedSequences:
         self.seed = seed
         self._index = 0
         self._length = self.seq_len - 1 - int(corpus.add_bos) - _ANSWER_ROOM  # EOS, BOS, answer
-        for name in self.tasks:  # minimum lengths are deterministic: one try tells
+        # Minimum lengths are deterministic: one try tells. With no task share, none is drawn.
+        for name in (self.tasks if self.task_fraction > 0 else []):
             try:
                 TASKS[name].make_example(random.Random(0), self._length, 0.5, **options.get(name, {}))
             except ValueError as e:
