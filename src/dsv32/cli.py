@@ -182,7 +182,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(out_dir=args.out, seed=args.seed)
+    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, fresh=args.fresh)
     return 0
 
 
@@ -197,9 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = verb("demo", "run the main job on the embedded default and write a report", _cmd_demo)
+    p = verb("demo", "the whole story on the embedded default: pretrain, sparsify, evaluate, GRPO, "
+                     "generate; writes a report", _cmd_demo)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a reduced run (seconds; a smoke test, not a result)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
 
     p = verb("convert", "convert a HF-layout checkpoint (FP8 -> bf16, dtype change, re-shard, drop MTP)",
              _cmd_convert)

@@ -1,59 +1,357 @@
-"""`dsv32 demo`: the main job on the embedded default.
+"""`dsv32 demo`: the whole story on the embedded default, in minutes on a laptop CPU.
 
-Builds the `tiny` preset, writes it in the Hugging Face layout and reads it back (checking every
-tensor survived), runs a forward pass on a byte-encoded sentence, and prints which earlier
-tokens the lightning indexer selected for the last positions, next to the dense attention it
-replaces.
+    1. build a small MoE model (MLA + DSA indexer + DeepSeekMoE) and check its HF round trip;
+    2. pretrain it dense on the default corpus (the Python stdlib's source) mixed with
+       long-context retrieval tasks;
+    3. convert it to sparse attention: indexer warm-up (dense, KL to the attention), then
+       sparse training with top-k = T/8 (SPEC §4);
+    4. evaluate dense vs sparse on held-out text and the retrieval tasks, with the indexer's
+       recall before/after warm-up and after sparse training, and draw the causal mask beside
+       the indexer's actual selection;
+    5. a short SFT on arithmetic, then GRPO steps with all four V3.2 stabilisers;
+    6. generate samples, time sparse vs dense attention;
+    7. write `report.md` with the numbers and PNG plots, and print where it is.
+
+Each stage saves its result under the output folder; a second run reuses finished stages
+(unless `--fresh`). `quick=True` shrinks everything so the whole job takes well under a
+minute (used by the tests); the numbers are then only a smoke signal.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .config import ModelConfig
 from .model import AttentionOptions, DSV32ForCausalLM
 
-SENTENCE = "DeepSeek Sparse Attention picks the top-k past tokens for each query."
+
+@dataclass(frozen=True)
+class DemoSizes:
+    seq_len: int
+    topk: int
+    pretrain_steps: int
+    warmup_steps: int
+    sparse_steps: int
+    batch_size: int
+    corpus_bytes: int
+    eval_sequences: int
+    retrieval_lengths: tuple[int, ...]
+    retrieval_depths: tuple[float, ...]
+    examples_per_cell: int
+    sft_steps: int
+    grpo_steps: int
+    speed_lengths: tuple[int, ...]
 
 
-def _encode(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+FULL = DemoSizes(seq_len=512, topk=64, pretrain_steps=200, warmup_steps=40, sparse_steps=40, batch_size=8,
+                 corpus_bytes=2_000_000, eval_sequences=16, retrieval_lengths=(480,),
+                 retrieval_depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples_per_cell=4, sft_steps=200, grpo_steps=10,
+                 speed_lengths=(1024, 4096, 8192))
+QUICK = DemoSizes(seq_len=512, topk=64, pretrain_steps=4, warmup_steps=2, sparse_steps=2, batch_size=2,
+                  corpus_bytes=150_000, eval_sequences=2, retrieval_lengths=(480,), retrieval_depths=(0.0, 1.0),
+                  examples_per_cell=1, sft_steps=3, grpo_steps=2, speed_lengths=(256, 512))
+
+RETRIEVAL = ("passkey", "variable_tracking")
+ARITHMETIC = {"digits": 1, "ops": "+"}
 
 
-def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0) -> Path:
+def demo_config(sizes: DemoSizes) -> ModelConfig:
+    """A 3-layer model: one dense MLP layer, then two DeepSeekMoE layers with 8 routed experts in
+    2 groups (top-2, one group kept) and a shared expert; 4 MLA heads; a 4-head indexer."""
+    return ModelConfig(
+        vocab_size=259, hidden_size=96, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=48, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=16,
+        v_head_dim=24, index_n_heads=4, index_head_dim=32, index_topk=sizes.topk, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        max_position_embeddings=16384, rope_theta=10000.0, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+        dtype="float32")
+
+
+class _Stages:
+    """Runs named stages once; a finished stage's result (JSON) is read back on the next run."""
+
+    def __init__(self, out: Path, total: int) -> None:
+        self.out, self.total, self.n = out, total, 0
+        self.results: dict[str, Any] = {}
+
+    def run(self, name: str, title: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        self.n += 1
+        folder = self.out / name
+        done = folder / "result.json"
+        if done.is_file():
+            result = json.loads(done.read_text())
+            print(f"[{self.n}/{self.total}] {title}: done before, reusing {folder}")
+        else:
+            print(f"[{self.n}/{self.total}] {title} ...", flush=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            result = fn(folder)
+            result["seconds"] = time.perf_counter() - start
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(done)
+            print(f"      {title}: {result['seconds']:.0f} s")
+        self.results[name] = result
+        return result
+
+
+def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, *, quick: bool = False, fresh: bool = False) -> Path:
     from .checkpoint import load_pretrained
     out = Path(out_dir)
+    sizes = QUICK if quick else FULL
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"quick": quick, "seed": seed, "sizes": sizes.__dict__}
+    marker = out / "settings.json"
+    if marker.exists() and json.loads(marker.read_text()) != json.loads(json.dumps(settings)):
+        raise ValueError(f"{out} holds a demo run with other settings; pass --fresh to start over or use another --out")
+    marker.write_text(json.dumps(settings, indent=1) + "\n")
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset("tiny")
-    model = DSV32ForCausalLM(cfg).eval()
+    stages = _Stages(out, total=8)
+    cfg = demo_config(sizes)
+
+    def latest(stage: str) -> DSV32ForCausalLM:
+        from .training.commands import resolve_model_dir
+        return load_pretrained(resolve_model_dir(out / stage))
+
+    stages.run("build", "build the model and check its Hugging Face round trip", lambda f: _build(cfg, f, seed))
+    stages.run("pretrain", f"pretrain dense at T={sizes.seq_len} on stdlib source + retrieval tasks",
+               lambda f: _train(load_pretrained(out / "build" / "model"), "pretrain", f, sizes, seed))
+    stages.run("warmup", "DSA stage 1: indexer warm-up (dense attention, KL to its mass)",
+               lambda f: _train(latest("pretrain"), "warmup", f, sizes, seed))
+    stages.run("sparse", f"DSA stage 2: sparse training with top-k {sizes.topk} = T/{sizes.seq_len // sizes.topk}",
+               lambda f: _train(latest("warmup"), "sparse", f, sizes, seed))
+    stages.run("evaluate", "evaluate dense vs sparse: held-out loss, retrieval, indexer recall",
+               lambda f: _evaluate(latest("pretrain"), latest("warmup"), latest("sparse"), f, sizes, seed))
+    stages.run("grpo", "SFT warm start on arithmetic, then GRPO with all four V3.2 stabilisers",
+               lambda f: _grpo(latest("sparse"), f, sizes, seed))
+    stages.run("samples", "generate samples and time sparse vs dense attention",
+               lambda f: _samples_and_speed(load_pretrained(out / "grpo" / "policy"), f, sizes, seed))
+    report = stages.run("report", "write the report", lambda f: {"path": str(_report(out, stages.results, sizes))})
+    print(f"report: {report['path']}")
+    return Path(report["path"])
+
+
+# ------------------------------------------------------------------------------ stages
+def _build(cfg: ModelConfig, folder: Path, seed: int) -> dict[str, Any]:
+    from .checkpoint import load_pretrained
+    model = DSV32ForCausalLM(cfg)
     model.init_weights(seed=seed)
-    print(f"[1/3] built preset 'tiny': {model.num_parameters():,} parameters, {cfg.num_hidden_layers} layers "
-          f"({cfg.num_moe_layers} MoE, {cfg.n_routed_experts} experts, top-{cfg.num_experts_per_tok}), "
-          f"index top-k {cfg.index_topk}")
-    ckpt = out / "tiny-hf"
-    model.save_pretrained(ckpt)
-    loaded = load_pretrained(ckpt).eval()
-    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    files = sorted(p.name for p in ckpt.iterdir())
-    print(f"[2/3] saved in the Hugging Face layout at {ckpt} ({', '.join(files)}) and loaded back: "
-          f"{'identical' if same else 'DIFFERENT'} weights")
+    model.save_pretrained(folder / "model")
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 load_pretrained(folder / "model").state_dict().values()))
     if not same:
         raise RuntimeError("the checkpoint round trip changed the weights")
+    return {"parameters": model.num_parameters(), "layers": cfg.num_hidden_layers, "moe_layers": cfg.num_moe_layers,
+            "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+            "round_trip": "identical"}
 
-    ids = torch.tensor([_encode(SENTENCE)])
-    with torch.no_grad():
-        sparse = loaded(ids, return_indices=True)
-        dense = loaded(ids, attention=AttentionOptions(sparse=False))
-    T = ids.shape[1]
-    diff = (sparse.logits - dense.logits).abs().max().item()
-    print(f"[3/3] forward pass on {T} byte tokens: logits {tuple(sparse.logits.shape)}; "
-          f"sparse (k={cfg.index_topk}) vs dense max |diff| {diff:.2e} (untrained weights)")
-    last = cfg.num_hidden_layers - 1
-    text = SENTENCE
-    for t in (T - 1, T // 2):
-        chosen = sorted(int(s) for s in sparse.indices[last][0, t] if s >= 0)
-        shown = "".join(text[s] if s in chosen else "·" for s in range(t + 1))
-        print(f"   layer {last}, query {t:3d} ({text[t]!r}) attends {len(chosen)}/{t + 1} tokens: {shown}")
-    return out
+
+def _data(sizes: DemoSizes, seed: int):
+    from .tokenizer import ByteTokenizer
+    from .training.data import PackedSequences, split_documents, stdlib_documents
+    from .training.tasks import MixedSequences
+    docs = stdlib_documents(max_bytes=sizes.corpus_bytes)
+    train_docs, val_docs = split_documents(docs, 0.05)
+    if not val_docs or not train_docs:        # a very small corpus (quick mode): hold out one file
+        train_docs, val_docs = docs[:-1], docs[-1:]
+    tok = ByteTokenizer()
+    corpus = PackedSequences(train_docs, tok, sizes.seq_len, seed=seed)
+    mixed = MixedSequences(corpus, tok, task_fraction=0.25, tasks=RETRIEVAL, seed=seed)
+    held = PackedSequences(val_docs, tok, sizes.seq_len, seed=seed + 1, shuffle=False)
+    return mixed, held.next_batch(sizes.eval_sequences)
+
+
+def _train(model: DSV32ForCausalLM, stage: str, folder: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
+    from .training.dsa import IndexerWarmup, SparseTraining
+    from .training.objectives import LanguageModeling
+    from .training.trainer import TrainConfig, Trainer
+    data, _ = _data(sizes, seed)
+    if stage == "pretrain":
+        objective, steps, lr, overrides = LanguageModeling(), sizes.pretrain_steps, 3e-3, {}
+    elif stage == "warmup":
+        objective, steps, lr, overrides = IndexerWarmup(), sizes.warmup_steps, 3e-3, {}
+    else:
+        objective, steps, lr, overrides = SparseTraining(), sizes.sparse_steps, 3e-4, {".indexer.": 1e-3}
+    config = TrainConfig(steps=steps, batch_size=sizes.batch_size, lr=lr, lr_overrides=overrides,
+                         warmup_steps=max(1, steps // 10), log_every=1, seed=seed)
+    trainer = Trainer(model, objective, data, config, folder)
+    history = trainer.fit()
+    last = history[-1]
+    keep = ("loss", "lm_loss", "indexer_kl", "tokens_per_s", "step_s")
+    return {"steps": steps, "final": {k: last[k] for k in keep if k in last},
+            "mean_step_s": sum(r["step_s"] for r in history) / len(history)}
+
+
+def _evaluate(pretrained, warmed, sparse_model, folder: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
+    from .tokenizer import ByteTokenizer
+    from .training.dsa import selection_report
+    from .training.evaluate import accuracy_summary, lm_eval, retrieval_eval
+    from .training.plots import plot_retrieval_heatmap, plot_selection
+    _, held = _data(sizes, seed)
+    dense, sparse = AttentionOptions(sparse=False), AttentionOptions(sparse=True)
+    result: dict[str, Any] = {}
+    sample = held[:1]
+    for label, model in (("before warm-up", pretrained), ("after warm-up", warmed), ("after sparse training",
+                                                                                    sparse_model)):
+        rep = selection_report(model.eval(), sample, attention=dense if label != "after sparse training" else sparse)
+        result.setdefault("recall", {})[label] = rep.recall(model.config.index_topk)
+        if label == "after sparse training":
+            plot_selection(rep, model.config.num_hidden_layers - 1, folder / "selection.png",
+                           title=f"last layer, top-{model.config.index_topk} of T={sizes.seq_len}")
+    tok = ByteTokenizer()
+    rows_by_mode = {}
+    for mode, model, attention in (("dense (pretrained)", pretrained, dense), ("sparse (converted)", sparse_model,
+                                                                              sparse)):
+        lm = lm_eval(model, held, attention=attention, batch_size=sizes.batch_size)
+        rows = retrieval_eval(model, tok, tasks=RETRIEVAL, lengths=sizes.retrieval_lengths,
+                              depths=sizes.retrieval_depths, examples_per_cell=sizes.examples_per_cell,
+                              attention=attention, seed=seed, batch_size=sizes.batch_size)
+        rows_by_mode[mode] = rows
+        result[mode] = {**lm, **accuracy_summary(rows)}
+        plot_retrieval_heatmap(rows, folder / f"retrieval_{mode.split()[0]}.png", title=f"{mode} attention")
+    result["retrieval_rows"] = rows_by_mode
+    return result
+
+
+def _grpo(model: DSV32ForCausalLM, folder: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
+    from .rl import GRPOConfig, train_eval_split, train_grpo
+    from .rl.plot import plot_curves
+    from .rl.rollout import greedy_accuracy
+    from .rl.sft import SFTConfig, train_sft
+    from .tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    train, held = train_eval_split("arithmetic", 2000, 16 if sizes is QUICK else 64, seed=seed, options=ARITHMETIC)
+    before = greedy_accuracy(model, tok, held, max_new_tokens=4)
+    train_sft(model, tok, train, SFTConfig(steps=sizes.sft_steps, batch_size=32, lr=1e-3, warmup_steps=2,
+                                           seed=seed), metrics_path=folder / "sft_metrics.jsonl")
+    after_sft = greedy_accuracy(model, tok, held, max_new_tokens=4)
+    config = GRPOConfig(steps=sizes.grpo_steps, prompts_per_step=8, group_size=4, max_new_tokens=4, lr=1e-4,
+                        top_p=0.95, temperature=1.0, ppo_epochs=2, minibatches=2, beta=0.01,
+                        kl_estimator="unbiased", delta=0.5, keep_routing=True, keep_sampling_mask=True,
+                        eval_every=sizes.grpo_steps, seed=seed, checkpoint_every=0)
+    history = train_grpo(model, tok, train, config, out_dir=folder / "run", eval_examples=held)
+    model.save_pretrained(folder / "policy")
+    plot_curves({"grpo": history}, folder / "curves.png", title="GRPO with unbiased KL, off-policy mask, "
+                                                                "keep routing, keep sampling mask")
+    keys = ("reward_mean", "accuracy", "kl", "clip_frac", "masked_frac", "ratio_mean", "ratio_max", "mismatch",
+            "entropy")
+    return {"accuracy_before_sft": before, "accuracy_after_sft": after_sft,
+            "accuracy_after_grpo": history[-1].get("eval_accuracy"), "steps": len(history),
+            "history": [{k: r.get(k) for k in ("step",) + keys} for r in history]}
+
+
+def _samples_and_speed(model: DSV32ForCausalLM, folder: Path, sizes: DemoSizes, seed: int) -> dict[str, Any]:
+    from .inference import generate
+    from .tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    prompts = ["def read_config(path):\n", "Question: What is 4 + 3?\nAnswer: "]
+    res = generate(model.eval(), [tok.encode(p) for p in prompts], max_new_tokens=48 if sizes is FULL else 8,
+                   temperature=0.7, top_p=0.9, seed=seed, stop_tokens=[tok.eos_id])
+    samples = [{"prompt": p, "completion": tok.decode(c)} for p, c in zip(prompts, res.completions())]
+    speed = []
+    for T in sizes.speed_lengths:
+        model_k = model.config.index_topk
+        x = torch.randint(0, 256, (1, T))
+        times = {}
+        for mode in ("dense", "sparse"):
+            opts = AttentionOptions(sparse=mode == "sparse")
+            with torch.no_grad():
+                model(x[:, :64], attention=opts)
+                start = time.perf_counter()
+                model(x, attention=opts)
+            times[mode] = time.perf_counter() - start
+        speed.append({"T": T, "k": model_k, "dense_s": times["dense"], "sparse_s": times["sparse"]})
+    decode_tps = float(res.lengths.sum()) / res.seconds
+    return {"samples": samples, "prefill": speed, "decode_tokens_per_s": decode_tps}
+
+
+# ------------------------------------------------------------------------------ report
+def _train_curves(out: Path, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, stage, key, title in ((axes[0], "pretrain", "loss", "pretraining (dense): LM loss"),
+                                  (axes[1], "warmup", "indexer_kl", "indexer warm-up: KL"),
+                                  (axes[2], "sparse", "lm_loss", "sparse training: LM loss")):
+        records = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        points = [(r["step"], r[key]) for r in records if r.get("kind") == "train" and key in r]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _report(out: Path, r: dict[str, Any], sizes: DemoSizes) -> Path:
+    _train_curves(out, out / "report" / "training_curves.png")
+    b, ev, g, s = r["build"], r["evaluate"], r["grpo"], r["samples"]
+    lines = [
+        "# dsv32 demo report",
+        "",
+        f"A {b['parameters']:,}-parameter DeepSeek-V3.2-style model ({b['layers']} layers, {b['moe_layers']} "
+        f"DeepSeekMoE with {b['experts']} experts, {b['heads']} MLA heads, hidden {b['hidden']}) trained on 2 CPU "
+        f"cores from scratch: dense pretraining at T={sizes.seq_len}, then the two DSA stages with top-k "
+        f"{sizes.topk}, then GRPO. Checkpoint round trip through the Hugging Face layout: {b['round_trip']}.",
+        "",
+        "## Stages",
+        "",
+        "| stage | steps | final | seconds |",
+        "|---|---|---|---|",
+    ]
+    for stage in ("pretrain", "warmup", "sparse"):
+        st = r[stage]
+        final = ", ".join(f"{k} {v:.4g}" for k, v in st["final"].items() if k in ("loss", "lm_loss", "indexer_kl"))
+        lines.append(f"| {stage} | {st['steps']} | {final} | {st['seconds']:.0f} |")
+    lines.append(f"| GRPO (+ SFT) | {g['steps']} | accuracy {g['accuracy_after_grpo']} | {g['seconds']:.0f} |")
+    lines += ["", "![training curves](report/training_curves.png)", "",
+              "## Dense vs sparse", "",
+              "| attention | held-out LM loss | perplexity | retrieval exact match | answer-token accuracy |",
+              "|---|---|---|---|---|"]
+    for mode in ("dense (pretrained)", "sparse (converted)"):
+        m = ev[mode]
+        lines.append(f"| {mode} | {m['lm_loss']:.4f} | {m['perplexity']:.3f} | {m['accuracy']:.3f} | "
+                     f"{m['token_accuracy']:.3f} |")
+    lines += ["", "Indexer recall (share of the dense attention mass inside the selected top-k set; the ceiling "
+              "is the mass of the best possible k keys):", "", "| when | recall | ceiling |", "|---|---|---|"]
+    for label, rec in ev["recall"].items():
+        lines.append(f"| {label} | {rec['indexer_recall']:.3f} | {rec['indexer_recall_ceiling']:.3f} |")
+    lines += ["", "![dense retrieval](evaluate/retrieval_dense.png)", "![sparse retrieval](evaluate/retrieval_sparse.png)",
+              "", "The causal mask beside the indexer's actual selection, and the dense attention mass it captures:",
+              "", "![selection](evaluate/selection.png)", "",
+              "## GRPO with the four V3.2 stabilisers", "",
+              f"Greedy accuracy on held-out 1-digit additions: {g['accuracy_before_sft']:.3f} before SFT, "
+              f"{g['accuracy_after_sft']:.3f} after SFT, {g['accuracy_after_grpo']:.3f} after {g['steps']} GRPO steps "
+              "(unbiased KL, off-policy sequence masking, keep routing, keep sampling mask).", "",
+              "| step | reward | KL | clip frac | masked frac | ratio mean | ratio max | mismatch |",
+              "|---|---|---|---|---|---|---|---|"]
+    for h in g["history"]:
+        lines.append("| " + " | ".join(f"{h[k]:.4g}" if isinstance(h[k], float) else str(h[k]) for k in
+                                        ("step", "reward_mean", "kl", "clip_frac", "masked_frac", "ratio_mean",
+                                         "ratio_max", "mismatch")) + " |")
+    lines += ["", "![GRPO curves](grpo/curves.png)", "", "## Samples", ""]
+    for sample in s["samples"]:
+        lines += ["```", sample["prompt"] + sample["completion"], "```", ""]
+    lines += ["## Speed (this model, this machine)", "",
+              f"Decode: {s['decode_tokens_per_s']:.1f} tokens/s (batch of 2, latent cache). Prefill of the whole "
+              "model, dense vs sparse attention (a model this small is dominated by everything but attention; the "
+              "attention-only comparison at V3.2 dims is in the README's benchmark tables):", "",
+              "| T | k | dense s | sparse s |", "|---|---|---|---|"]
+    for row in s["prefill"]:
+        lines.append(f"| {row['T']} | {row['k']} | {row['dense_s']:.3f} | {row['sparse_s']:.3f} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
