@@ -62,20 +62,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-class LocalCheckpointer:
-    """Checkpoints on the local file system; see the module docstring.
+class CheckpointFolder:
+    """A root folder of `checkpoint-NNNNNNNN/` checkpoints, `keep` of the newest kept; what every
+    backend shares (listing, the latest one, the names of the temporary folders)."""
 
-    keep: how many of the newest checkpoints to keep (>= 1).
-    during_write: called with the temporary folder after the weights are written and before
-        the trainer state and the rename; the kill-during-save test uses it to stop there."""
-
-    def __init__(self, root: str | Path, *, keep: int = 1,
-                 during_write: Callable[[Path], None] | None = None) -> None:
+    def __init__(self, root: str | Path, *, keep: int = 1) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep (checkpoints to keep) must be an integer >= 1, got {keep!r}")
         self.root = Path(root)
         self.keep = keep
-        self.during_write = during_write
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -88,14 +83,39 @@ class LocalCheckpointer:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def paths(self, step: int) -> tuple[Path, Path]:
+        """(final folder, temporary folder) of checkpoint `step`."""
+        return self.root / f"checkpoint-{step:08d}", self.root / f"{_TMP_PREFIX}{step:08d}.tmp"
+
+    def clear_partial(self) -> None:
+        """Remove the temporary folders of saves that never finished (killed runs)."""
+        for stale in self.root.glob(_TMP_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def prune(self, final: Path) -> None:
+        for old in self.checkpoints()[:-self.keep]:
+            if old != final:
+                shutil.rmtree(old)
+
+
+class LocalCheckpointer(CheckpointFolder):
+    """Checkpoints on the local file system; see the module docstring.
+
+    keep: how many of the newest checkpoints to keep (>= 1).
+    during_write: called with the temporary folder after the weights are written and before
+        the trainer state and the rename; the kill-during-save test uses it to stop there."""
+
+    def __init__(self, root: str | Path, *, keep: int = 1,
+                 during_write: Callable[[Path], None] | None = None) -> None:
+        super().__init__(root, keep=keep)
+        self.during_write = during_write
+
     def save(self, step: int, model: DSV32ForCausalLM, optimizer: torch.optim.Optimizer,
              state: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(_TMP_PREFIX + "*"):     # partial folders of killed runs
-            shutil.rmtree(stale, ignore_errors=True)
-        final = self.root / f"checkpoint-{step:08d}"
+        self.clear_partial()
+        final, tmp = self.paths(step)
         assert not final.exists(), f"{final} exists; the trainer never saves a step twice"
-        tmp = self.root / f"{_TMP_PREFIX}{step:08d}.tmp"
         tmp.mkdir()
         model.save_pretrained(tmp)
         if self.during_write is not None:
@@ -106,9 +126,7 @@ class LocalCheckpointer:
         _fsync(tmp)
         os.replace(tmp, final)
         _fsync(self.root)
-        for old in self.checkpoints()[:-self.keep]:
-            if old != final:
-                shutil.rmtree(old)
+        self.prune(final)
         return final
 
     def load(self, path: Path, model: DSV32ForCausalLM, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +35,8 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..model import DSV32ForCausalLM
-from .checkpointing import STATE_NAME, config_differences
+from .checkpointing import STATE_NAME, CheckpointFolder, config_differences
 
-_NAME = re.compile(r"^checkpoint-(\d{8})$")
-_TMP_PREFIX = ".checkpoint-"
 DCP_DIR = "dcp"
 
 
@@ -128,7 +124,7 @@ def _single_process_ok(info: DistInfo):
         yield
 
 
-class DCPCheckpointer:
+class DCPCheckpointer(CheckpointFolder):
     """Sharded checkpoints with torch.distributed.checkpoint (see the module docstring).
 
     Layout: checkpoint-XXXXXXXX/{config.json, model.safetensors (the gathered model, HF layout),
@@ -137,30 +133,17 @@ class DCPCheckpointer:
     resumed on a single process."""
 
     def __init__(self, root: str | Path, info: DistInfo, *, keep: int = 1) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep (checkpoints to keep) must be an integer >= 1, got {keep!r}")
-        self.root, self.info, self.keep = Path(root), info, keep
-
-    def checkpoints(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
-
-    def latest(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
+        super().__init__(root, keep=keep)
+        self.info = info
 
     def save(self, step: int, model: DSV32ForCausalLM, optimizer: torch.optim.Optimizer,
              state: dict[str, Any]) -> Path:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        final = self.root / f"checkpoint-{step:08d}"
-        tmp = self.root / f"{_TMP_PREFIX}{step:08d}.tmp"
+        final, tmp = self.paths(step)
         if self.info.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(_TMP_PREFIX + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            self.clear_partial()
             tmp.mkdir()
         barrier(self.info)
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -172,9 +155,7 @@ class DCPCheckpointer:
         if self.info.is_main:
             torch.save(state, tmp / STATE_NAME)
             os.replace(tmp, final)
-            for old in self.checkpoints()[:-self.keep]:
-                if old != final:
-                    shutil.rmtree(old)
+            self.prune(final)
         barrier(self.info)
         return final
 
