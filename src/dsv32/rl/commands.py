@@ -150,7 +150,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     from .grpo import train_grpo
     from .plot import plot_curves
     from .rewards import RewardError, load_reward, task_reward
-    from .state import latest_checkpoint
+    from .state import latest_checkpoint, read_metrics
     _require(args, "model", "out")
     config = _config_from(args, GRPOConfig)
     train, held_out = _datasets(args)
@@ -168,7 +168,6 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         last = history[-1]
         print(f"grpo: step {last['step']}: reward {last['reward_mean']:.3f}, accuracy {last['accuracy']:.3f}"
               + (f", held-out greedy accuracy {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else ""))
-        from .state import read_metrics
         plot_curves({"grpo": read_metrics(out / "metrics.jsonl")}, out / "curves.png")
     else:
         print(f"grpo: nothing to do, the run in {out} already reached step {config.steps}")
