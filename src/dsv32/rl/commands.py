@@ -1,10 +1,10 @@
 """The `dsv32 sft` and `dsv32 grpo` verbs: flags, input checks and handlers. `cli.build_parser`
 calls `register` once; everything RL-specific about the command line lives here.
 
-    dsv32 sft  --model tiny --task arithmetic --task-options '{"digits": 2, "ops": "+"}' \\
-               --steps 1500 --out runs/sft
+    dsv32 sft  --model small --task arithmetic --task-options '{"digits": 2, "ops": "+"}' \\
+               --steps 2000 --out runs/sft
     dsv32 grpo --model runs/sft --task arithmetic --task-options '{"digits": 2, "ops": "+"}' \\
-               --steps 200 --top-p 0.95 --out runs/grpo
+               --steps 300 --lr 1e-4 --top-p 0.95 --out runs/grpo
     dsv32 grpo --config grpo.json        # keys: the flag names, e.g. {"group_size": 8, "delta": null}
 
 Every field of `GRPOConfig` / `SFTConfig` is a flag of the same name (dashes for underscores;
