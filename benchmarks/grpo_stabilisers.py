@@ -58,11 +58,11 @@ def main() -> None:
     ap.add_argument("--sft-target", type=float, default=0.25, help="validation greedy accuracy that ends SFT")
     ap.add_argument("--sft-max-steps", type=int, default=3000)
     ap.add_argument("--steps", type=int, default=150, help="GRPO steps per run")
-    ap.add_argument("--prompts-per-step", type=int, default=16)
+    ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--ppo-epochs", type=int, default=2)
     ap.add_argument("--minibatches", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.05)
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--top-p", type=float, default=0.9)
@@ -119,7 +119,7 @@ def main() -> None:
         ])
         print(f"{name}: done in {seconds:.0f} s", flush=True)
 
-    plot_curves(runs, out / "stabilisers.png", title="GRPO stabilisers, one off at a time",
+    plot_curves(runs, out / "stabilisers.png", title="GRPO stabilisers, one off at a time", smooth=10,
                 metrics=("reward_mean", "eval_accuracy", "kl", "mismatch", "ratio_max", "ratio_mean",
                          "clip_frac", "masked_frac", "entropy"))
     print()

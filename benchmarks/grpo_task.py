@@ -91,8 +91,8 @@ def main() -> None:
     sft_curve = [{"step": r["step"], "sft_loss": r["loss"], "val_accuracy": r.get("val_accuracy")}
                  for r in sft_history]
     plot_curves({"sft": sft_curve}, out / "sft_curves.png", metrics=["sft_loss", "val_accuracy"],
-                title="SFT warm start")
-    plot_curves({"grpo": history}, out / "grpo_curves.png", title="GRPO after SFT")
+                title="SFT warm start", smooth=25)
+    plot_curves({"grpo": history}, out / "grpo_curves.png", title="GRPO after SFT", smooth=10)
 
     tenth = max(1, len(history) // 10)
 

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from dsv32.rl import GRPOConfig, plot_curves, read_metrics, train_grpo
+from dsv32.rl.plot import _trailing_mean
 from tests.rl.helpers import TOKENIZER, arithmetic, digit_reward, same_weights, tiny_policy
 
 SMALL = dict(prompts_per_step=2, group_size=4, max_new_tokens=4, top_p=0.9, lr=3e-3)
@@ -38,7 +39,15 @@ def test_metrics_and_first_update_ratio(tmp_path):
     assert all(r["mismatch"] < 1e-5 for r in history)
     # Four updates per rollout at a high rate: the later ones are off-policy.
     assert history[-1]["ratio_max"] > 1.01 and history[-1]["kl"] > 0
-    assert plot_curves({"run": history}, tmp_path / "c.png").stat().st_size > 1000
+    assert plot_curves({"run": history}, tmp_path / "c.png", smooth=2).stat().st_size > 1000
+
+
+def test_trailing_mean_and_plot_arguments(tmp_path):
+    assert _trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    with pytest.raises(ValueError, match="smooth"):
+        plot_curves({"run": [{"step": 1, "kl": 0.1}]}, tmp_path / "x.png", smooth=0)
+    with pytest.raises(ValueError, match="none of the metrics"):
+        plot_curves({"run": [{"step": 1}]}, tmp_path / "x.png")
 
 
 def test_grpo_climbs_a_dense_reward():

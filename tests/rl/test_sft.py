@@ -54,8 +54,8 @@ def test_stop_hook_and_schedules():
     history = train_sft(tiny_policy(), TOKENIZER, data, SFTConfig(steps=50, batch_size=1, schedule="constant"),
                         show_progress=False, stop=lambda record: record["step"] == 3)
     assert [r["step"] for r in history] == [1, 2, 3]
-    constant, cosine = SFTConfig(steps=100, lr=1.0, warmup_steps=10, schedule="constant"), SFTConfig(steps=100, lr=1.0,
-                                                                                                   warmup_steps=10)
+    constant = SFTConfig(steps=100, lr=1.0, warmup_steps=10, schedule="constant")
+    cosine = SFTConfig(steps=100, lr=1.0, warmup_steps=10)
     assert constant.lr_at(5) == cosine.lr_at(5) == 0.5 and constant.lr_at(100) == 1.0
     assert cosine.lr_at(11) == pytest.approx(1.0, abs=1e-3) and cosine.lr_at(100) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="schedule must be one of"):

@@ -1,10 +1,10 @@
 """The `dsv32 sft` and `dsv32 grpo` verbs: flags, input checks and handlers. `cli.build_parser`
 calls `register` once; everything RL-specific about the command line lives here.
 
-    dsv32 sft  --model tiny --task arithmetic --task-options '{"digits": 2, "ops": "+"}' \\
-               --steps 1500 --out runs/sft
+    dsv32 sft  --model small --task arithmetic --task-options '{"digits": 2, "ops": "+"}' \\
+               --steps 2000 --out runs/sft
     dsv32 grpo --model runs/sft --task arithmetic --task-options '{"digits": 2, "ops": "+"}' \\
-               --steps 200 --top-p 0.95 --out runs/grpo
+               --steps 300 --lr 1e-4 --top-p 0.95 --out runs/grpo
     dsv32 grpo --config grpo.json        # keys: the flag names, e.g. {"group_size": 8, "delta": null}
 
 Every field of `GRPOConfig` / `SFTConfig` is a flag of the same name (dashes for underscores;
@@ -150,7 +150,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     from .grpo import train_grpo
     from .plot import plot_curves
     from .rewards import RewardError, load_reward, task_reward
-    from .state import latest_checkpoint
+    from .state import latest_checkpoint, read_metrics
     _require(args, "model", "out")
     config = _config_from(args, GRPOConfig)
     train, held_out = _datasets(args)
@@ -172,7 +172,6 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         last = history[-1]
         print(f"grpo: step {last['step']}: reward {last['reward_mean']:.3f}, accuracy {last['accuracy']:.3f}"
               + (f", held-out greedy accuracy {last['eval_accuracy']:.3f}" if "eval_accuracy" in last else ""))
-        from .state import read_metrics
         plot_curves({"grpo": read_metrics(out / "metrics.jsonl")}, out / "curves.png")
     else:
         print(f"grpo: nothing to do, the run in {out} already reached step {config.steps}")

@@ -24,7 +24,8 @@ step's updates: loss, pg_objective, kl (kl_mean), clip_frac, masked_frac, kl_old
 ratio_mean, entropy, grad_norm; ratio_max / ratio_min over all updates; mismatch, the mean
 |log pi_theta - log pi_old| at the step's first update, where the weights are still the
 sampler's — any deviation there is sampler/trainer mismatch, not learning; eval_accuracy
-(greedy, held-out) every `eval_every` steps; rollout_seconds and update_seconds.
+(greedy, held-out) every `eval_every` steps; rollout_seconds (sampling and scoring) and
+update_seconds (reference pass and updates).
 
 Randomness is a function of (seed, step): the prompt order, the rollout seeds and the
 mini-batch order, so a resumed run repeats an uninterrupted one exactly.
@@ -326,12 +327,12 @@ def train_grpo(
             "truncated_frac": rollout.finish_reason.count("length") / B,
         }
         record.update(grpo_update(policy, optimizer, rollout, ref_logp, cfg, step))
+        record["rollout_seconds"] = t1 - t0
+        record["update_seconds"] = time.perf_counter() - t1
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             record["eval_accuracy"] = greedy_accuracy(policy, tokenizer, eval_examples,
                                                       max_new_tokens=cfg.max_new_tokens, rank=info.rank,
                                                       world_size=info.world_size)
-        record["rollout_seconds"] = t1 - t0
-        record["update_seconds"] = time.perf_counter() - t1
         if info.enabled:
             record = _average_over_ranks(record, info)
         history.append(record)
