@@ -266,7 +266,7 @@ class Trainer:
                 record = self.train_step()
                 history.append(record)
                 progress.update(record["loss"], record["tokens_per_s"])
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.log_every == 0 or self.step == end:
                     self.log.write(record)
                 if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.log.write({"kind": "eval", "step": self.step, **self.run_evaluation()})
