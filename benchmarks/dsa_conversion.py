@@ -110,6 +110,7 @@ class Bench:
                               depths=[float(d) for d in self.args.depths.split(",")],
                               examples_per_cell=self.args.examples_per_cell, attention=attention)
         plot_retrieval_heatmap(rows, self.out / f"retrieval_{name}.png", title=name)
+        plot_retrieval_heatmap(rows, self.out / f"retrieval_tokens_{name}.png", title=name, value="token_accuracy")
         last = model.config.num_hidden_layers - 1
         plot_selection(report, last, self.out / f"selection_{name}.png",
                        title=f"{name}: layer {last}, top-{model.config.index_topk} of {self.args.seq_len}")
