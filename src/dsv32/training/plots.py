@@ -104,9 +104,10 @@ def plot_selection(report: SelectionReport, layer: int, path: str | Path, *, row
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
     positions = torch.arange(T)[valid]
-    ax_mass.plot(positions.numpy(), ceiling[valid].numpy(), lw=0.8, color="tab:orange",
-                 label="best possible (top-k of the dense attention)")
     ax_mass.plot(positions.numpy(), mass[valid].numpy(), lw=0.8, color="tab:blue", label="indexer's selection")
+    # Dashed and on top: where the two coincide the ceiling stays visible.
+    ax_mass.plot(positions.numpy(), ceiling[valid].numpy(), lw=0.6, ls="--", color="tab:orange",
+                 label="best possible (top-k of the dense attention)")
     ax_mass.axvline(idx.shape[1] - 0.5, color="grey", ls=":", lw=0.8, label="k (all keys selected before)")
     ax_mass.set_ylim(0, 1.02)
     ax_mass.set_xlabel("query position")
