@@ -1,6 +1,7 @@
 """DSA conversion of a small MoE model on CPU, end to end, dense vs sparse side by side.
 
-    python benchmarks/dsa_conversion.py                      # the recorded run (~20 min, 2 cores)
+    python benchmarks/dsa_conversion.py                      # 2 threads: ~20 min expected, quiet 2 cores
+    python benchmarks/dsa_conversion.py --threads 1          # the recorded run: 34 min, shared machine
     python benchmarks/dsa_conversion.py --quick              # a smoke run of a few minutes
 
 1. Pretrain the `small` preset (4 layers, 8 routed experts) with dense attention at 2K
