@@ -58,3 +58,12 @@ def test_unknown_or_non_retrieval_task_is_refused():
     with pytest.raises(ValueError, match="is a reasoning task; retrieval tasks are"):
         retrieval_eval(Oracle(), TOK, tasks=["arithmetic"], lengths=[300], depths=[0.5], examples_per_cell=1,
                        attention=AttentionOptions())
+
+
+def test_heatmaps_of_either_value(tmp_path):
+    from dsv32.training.plots import plot_retrieval_heatmap
+    rows = _run(Oracle(avoid=TOK.eos_id))
+    for value in ("accuracy", "token_accuracy"):
+        assert plot_retrieval_heatmap(rows, tmp_path / f"{value}.png", value=value).stat().st_size > 1000
+    with pytest.raises(ValueError, match="value must be one of"):
+        plot_retrieval_heatmap(rows, tmp_path / "x.png", value="recall")

@@ -16,7 +16,7 @@ import torch
 import dsv32
 from dsv32.training.checkpointing import STATE_NAME, LocalCheckpointer
 from dsv32.training.optim import lr_factor, update_router_bias
-from tests.training.helpers import byte_model, documents, make_trainer
+from tests.training.helpers import byte_model, make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 

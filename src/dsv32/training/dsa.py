@@ -253,6 +253,7 @@ class SelectionReport:
         out["indexer_recall_ceiling"] = float(torch.stack([self.ceiling[i] for i in layers])[:, valid].mean())
         for i in layers:
             out[f"indexer_recall/layer{i}"] = float(self.mass[i][valid].mean())
+            out[f"indexer_recall_ceiling/layer{i}"] = float(self.ceiling[i][valid].mean())
         if topk is not None:
             n_allowed = valid.long().cumsum(1)                                   # keys a query may see
             past = valid & (n_allowed > topk)

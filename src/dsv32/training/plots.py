@@ -1,7 +1,7 @@
 """Pictures of a DSA model: retrieval accuracy by length and depth, and what the indexer selects.
 
-* `plot_retrieval_heatmap` — exact-match accuracy, prompt length (rows) x needle depth
-  (columns), one panel per task plus their mean;
+* `plot_retrieval_heatmap` — exact-match (or answer-token) accuracy, prompt length (rows) x
+  needle depth (columns), one panel per task plus their mean;
 * `plot_selection` — for one real sequence and one layer: the causal mask (which keys each
   query may see), the indexer's actual selection (which keys each query attends to under
   DSA), and, per query, the share of the dense attention mass that selection captures next
@@ -32,15 +32,22 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def plot_retrieval_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
-    """Rows as returned by `retrieval_eval` -> a PNG of accuracy heatmaps at `path`."""
+_HEATMAP_VALUES = {"accuracy": "exact-match accuracy", "token_accuracy": "answer token accuracy"}
+
+
+def plot_retrieval_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "",
+                           value: str = "accuracy") -> Path:
+    """Rows as returned by `retrieval_eval` -> a PNG of heatmaps at `path` of `value`:
+    "accuracy" (exact match) or "token_accuracy" (teacher-forced answer tokens)."""
     if not rows:
         raise ValueError("no retrieval results to plot")
+    if value not in _HEATMAP_VALUES:
+        raise ValueError(f"value must be one of {sorted(_HEATMAP_VALUES)}, got {value!r}")
     tasks = sorted({r["task"] for r in rows})
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
     panels = tasks + (["mean"] if len(tasks) > 1 else [])
-    fig = _figure(1.2 + 0.75 * len(depths) * len(panels), 1.0 + 0.45 * len(lengths))
+    fig = _figure(1.2 + 0.75 * len(depths) * len(panels), 1.4 + 0.45 * len(lengths))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, panel in zip(axes, panels):
@@ -49,7 +56,7 @@ def plot_retrieval_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, 
         for r in rows:
             if panel in ("mean", r["task"]):
                 i, j = lengths.index(r["length"]), depths.index(r["depth"])
-                grid[i, j] += r["correct"]
+                grid[i, j] += r[value] * r["n"]
                 count[i, j] += r["n"]
         acc = grid / count.clamp(min=1)
         image = ax.imshow(acc.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
@@ -62,7 +69,7 @@ def plot_retrieval_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, 
         ax.set_xlabel("needle depth")
         ax.set_title(panel)
     axes[0].set_ylabel("prompt length (tokens)")
-    fig.colorbar(image, ax=list(axes), label="exact-match accuracy", shrink=0.9)
+    fig.colorbar(image, ax=list(axes), label=_HEATMAP_VALUES[value], shrink=0.9)
     if title:
         fig.suptitle(title)
     path = Path(path)
@@ -97,9 +104,10 @@ def plot_selection(report: SelectionReport, layer: int, path: str | Path, *, row
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
     positions = torch.arange(T)[valid]
-    ax_mass.plot(positions.numpy(), ceiling[valid].numpy(), lw=0.8, color="tab:orange",
-                 label="best possible (top-k of the dense attention)")
     ax_mass.plot(positions.numpy(), mass[valid].numpy(), lw=0.8, color="tab:blue", label="indexer's selection")
+    # Dashed and on top: where the two coincide the ceiling stays visible.
+    ax_mass.plot(positions.numpy(), ceiling[valid].numpy(), lw=0.6, ls="--", color="tab:orange",
+                 label="best possible (top-k of the dense attention)")
     ax_mass.axvline(idx.shape[1] - 0.5, color="grey", ls=":", lw=0.8, label="k (all keys selected before)")
     ax_mass.set_ylim(0, 1.02)
     ax_mass.set_xlabel("query position")

@@ -281,7 +281,7 @@ class Trainer:
                 record = self.train_step()
                 history.append(record)
                 progress.update(record["loss"], record["tokens_per_s"])
-                if self.dist.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                if self.dist.is_main and (self.step % cfg.log_every == 0 or self.step == end):
                     self.log.write(record)
                 if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     evaluation = self.run_evaluation()       # every rank: a sharded forward needs all
