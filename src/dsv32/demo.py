@@ -50,9 +50,9 @@ class DemoSizes:
     speed_lengths: tuple[int, ...]
 
 
-FULL = DemoSizes(seq_len=512, topk=64, pretrain_steps=200, warmup_steps=40, sparse_steps=40, batch_size=8,
-                 corpus_bytes=2_000_000, eval_sequences=16, retrieval_lengths=(480,),
-                 retrieval_depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples_per_cell=4, sft_steps=200, grpo_steps=10,
+FULL = DemoSizes(seq_len=1024, topk=128, pretrain_steps=400, warmup_steps=60, sparse_steps=60, batch_size=8,
+                 corpus_bytes=3_000_000, eval_sequences=16, retrieval_lengths=(500, 1000),
+                 retrieval_depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples_per_cell=4, sft_steps=300, grpo_steps=30,
                  speed_lengths=(1024, 4096, 8192))
 QUICK = DemoSizes(seq_len=512, topk=64, pretrain_steps=4, warmup_steps=2, sparse_steps=2, batch_size=2,
                   corpus_bytes=150_000, eval_sequences=2, retrieval_lengths=(480,), retrieval_depths=(0.0, 1.0),
@@ -209,15 +209,17 @@ def _evaluate(pretrained, warmed, sparse_model, folder: Path, sizes: DemoSizes, 
                            title=f"last layer, top-{model.config.index_topk} of T={sizes.seq_len}")
     tok = ByteTokenizer()
     rows_by_mode = {}
-    for mode, model, attention in (("dense (pretrained)", pretrained, dense), ("sparse (converted)", sparse_model,
-                                                                              sparse)):
+    for mode, model, attention in (("dense (pretrained)", pretrained, dense),
+                                   ("dense (converted weights)", sparse_model, dense),
+                                   ("sparse (converted)", sparse_model, sparse)):
         lm = lm_eval(model, held, attention=attention, batch_size=sizes.batch_size)
         rows = retrieval_eval(model, tok, tasks=RETRIEVAL, lengths=sizes.retrieval_lengths,
                               depths=sizes.retrieval_depths, examples_per_cell=sizes.examples_per_cell,
                               attention=attention, seed=seed, batch_size=sizes.batch_size)
         rows_by_mode[mode] = rows
         result[mode] = {**lm, **accuracy_summary(rows)}
-        plot_retrieval_heatmap(rows, folder / f"retrieval_{mode.split()[0]}.png", title=f"{mode} attention")
+        if "weights" not in mode:
+            plot_retrieval_heatmap(rows, folder / f"retrieval_{mode.split()[0]}.png", title=f"{mode} attention")
     result["retrieval_rows"] = rows_by_mode
     return result
 
@@ -234,7 +236,7 @@ def _grpo(model: DSV32ForCausalLM, folder: Path, sizes: DemoSizes, seed: int) ->
     train_sft(model, tok, train, SFTConfig(steps=sizes.sft_steps, batch_size=32, lr=1e-3, warmup_steps=2,
                                            seed=seed), metrics_path=folder / "sft_metrics.jsonl")
     after_sft = greedy_accuracy(model, tok, held, max_new_tokens=4)
-    config = GRPOConfig(steps=sizes.grpo_steps, prompts_per_step=8, group_size=4, max_new_tokens=4, lr=1e-4,
+    config = GRPOConfig(steps=sizes.grpo_steps, prompts_per_step=16, group_size=4, max_new_tokens=4, lr=3e-5,
                         top_p=0.95, temperature=1.0, ppo_epochs=2, minibatches=2, beta=0.01,
                         kl_estimator="unbiased", delta=0.5, keep_routing=True, keep_sampling_mask=True,
                         eval_every=sizes.grpo_steps, seed=seed, checkpoint_every=0)
@@ -321,7 +323,7 @@ def _report(out: Path, r: dict[str, Any], sizes: DemoSizes) -> Path:
               "## Dense vs sparse", "",
               "| attention | held-out LM loss | perplexity | retrieval exact match | answer-token accuracy |",
               "|---|---|---|---|---|"]
-    for mode in ("dense (pretrained)", "sparse (converted)"):
+    for mode in ("dense (pretrained)", "dense (converted weights)", "sparse (converted)"):
         m = ev[mode]
         lines.append(f"| {mode} | {m['lm_loss']:.4f} | {m['perplexity']:.3f} | {m['accuracy']:.3f} | "
                      f"{m['token_accuracy']:.3f} |")
