@@ -52,61 +52,60 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+class _Stopwatch:
+    """Adds up the time spent in one function (the benchmark wraps the kernel and the selection
+    to split a layer call into its parts without copying the layer's code)."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.owner, self.name, self.total = owner, name, 0.0
+        self.inner = getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        self.total += time.perf_counter() - t
+        return out
+
+
 @torch.no_grad()
-def run_one(T: int, H: int, topks: list[int], hidden: int, dense_form: str) -> dict:
-    """Child process: one (T, H); dense once, sparse for each k. Returns timings and memory."""
+def run_one(T: int, H: int, what: str, hidden: int) -> dict:
+    """Child process: one layer call, `what` = "dense:expanded", "dense:absorbed" or "sparse:K".
+    Returns the timings of its parts and the peak memory growth of the call."""
+    from dsv32 import kernels
     from dsv32.model.context import AttentionOptions, ForwardContext
-    from dsv32.model.indexer import select_topk
     from dsv32.model.rope import RotaryEmbedding
-    results = {"T": T, "H": H, "dense": {}, "sparse": {}}
-    cfg, layer = build_layer(H, hidden, max(topks))
+    path, arg = what.split(":")
+    topk = int(arg) if path == "sparse" else 2048
+    cfg, layer = build_layer(H, hidden, topk)
     x = torch.randn(1, T, hidden)
     cos, sin = RotaryEmbedding(cfg)(torch.arange(T)[None])
-
-    def ctx(sparse: bool, form: str) -> ForwardContext:
-        return ForwardContext(cos=cos, sin=sin, key_valid=None, q_start=0,
-                              attention=AttentionOptions(sparse=sparse, form=form))
-
-    # warm up every code path on a short prefix (allocator, thread pools)
-    warm = min(T, 512)
-    c_small = ForwardContext(cos=cos[:, :warm], sin=sin[:, :warm], key_valid=None, q_start=0,
-                             attention=AttentionOptions(sparse=True, form="absorbed", backend="torch"))
-    layer(x[:, :warm], c_small)
-
-    forms = ["expanded", "absorbed"] if dense_form == "both" else [dense_form]
-    for form in forms:
-        base = rss_bytes()
-        (c_q, q_n, q_r, latent), t_proj = timed(lambda: layer.project(x, cos, sin))
-        c = ctx(False, form)
-        fn = layer._dense_expanded if form == "expanded" else layer._dense_absorbed
-        out, t_core = timed(lambda: fn(q_n, q_r, latent, c))
-        _, t_o = timed(lambda: layer.o_proj(out.reshape(1, T, -1)))
-        results["dense"][form] = {"proj": t_proj + t_o, "core": t_core, "peak": peak_bytes() - base}
-        del out, c_q, q_n, q_r, latent
-
-    for k in topks:
-        layer.topk = layer.indexer.topk = k
-        base = rss_bytes()
-        (c_q, q_n, q_r, latent), t_proj = timed(lambda: layer.project(x, cos, sin))
-
-        def index():
-            q_i, w_i = layer.indexer.queries(x, c_q, cos, sin)
-            k_i = layer.indexer.keys(x, cos, sin)
-            return select_topk(q_i, w_i, k_i, k)
-        idx, t_index = timed(index)
-        c = ctx(True, "absorbed")
-        out, t_sparse = timed(lambda: layer._sparse_absorbed(q_n, q_r, latent, c, idx, None, "torch"))
-        _, t_o = timed(lambda: layer.o_proj(out.reshape(1, T, -1)))
-        results["sparse"][k] = {"proj": t_proj + t_o, "index": t_index, "core": t_sparse,
-                                "peak": peak_bytes() - base}
-        del out, idx, c_q, q_n, q_r, latent
-    return results
+    warm = min(T, 512)                       # warm up the code path on a short prefix
+    layer(x[:, :warm], ForwardContext(cos=cos[:, :warm], sin=sin[:, :warm], key_valid=None, q_start=0,
+                                      attention=AttentionOptions(sparse=True, form="absorbed", backend="torch")))
+    kernel = _Stopwatch(kernels, "sparse_mla")
+    select = _Stopwatch(layer.indexer, "select")
+    base = rss_bytes()
+    (c_q, q_n, q_r, latent), t_proj = timed(lambda: layer.project(x, cos, sin))
+    ctx = ForwardContext(cos=cos, sin=sin, key_valid=None, q_start=0,
+                         attention=AttentionOptions(sparse=path == "sparse", form="absorbed"))
+    result = {"T": T, "H": H, "what": what}
+    if path == "dense":
+        fn = layer._dense_expanded if arg == "expanded" else layer._dense_absorbed
+        out, t_core = timed(lambda: fn(q_n, q_r, latent, ctx))
+        result.update(core=t_core)
+    else:
+        (q_i, w_i, k_i), t_qk = timed(lambda: (*layer.indexer.queries(x, c_q, cos, sin), layer.indexer.keys(x, cos, sin)))
+        out, t_core = timed(lambda: layer._sparse_absorbed(q_n, q_r, latent, ctx, None, (q_i, w_i, k_i), "torch"))
+        result.update(index=t_qk + select.total, attention=t_core - select.total, kernel=kernel.total)
+    _, t_o = timed(lambda: layer.o_proj(out.reshape(1, T, -1)))
+    result.update(proj=t_proj + t_o, peak=peak_bytes() - base)
+    return result
 
 
 def child_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
-    torch.set_num_threads(spec["threads"]) if spec.get("threads") else None
-    print(json.dumps(run_one(spec["T"], spec["H"], spec["topks"], spec["hidden"], spec["dense_form"])))
+    print(json.dumps(run_one(spec["T"], spec["H"], spec["what"], spec["hidden"])))
 
 
 def run_child(spec: dict) -> dict:
@@ -137,42 +136,42 @@ def main() -> None:
     print(f"fp32 matmul peak (2048^3, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s")
     print(f"torch {torch.__version__}; dims r_kv={R_KV} d_r={D_R} d_n={D_N} d_v={D_V} H_I={H_I} d_I={D_I}; "
           f"hidden {args.hidden}\n")
-    header = ("|     T |   H |    k | dense s | sparse s (idx + attn) | bound | speedup | share | "
-              "attn GFLOP/s (% peak) | idx GFLOP/s | dense mem GiB | sparse mem GiB |")
+    header = ("|     T |   H |    k | dense s | sparse s (index + attention) | bound | speedup | share | "
+              "kernel GFLOP/s (% peak) | index GFLOP/s | dense mem GiB | sparse mem GiB |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    rows = []
+    mems: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for H in args.heads:
-        dense_form = "both"
+        dense_form = None
         for T in Ts:
-            r = run_child({"T": T, "H": H, "topks": args.topk, "hidden": args.hidden, "dense_form": dense_form})
-            if dense_form == "both":
-                dense_form = min(r["dense"], key=lambda f: r["dense"][f]["core"])
-                for f, d in r["dense"].items():
-                    print(f"|  (H={H}, T={T}: dense {f} core {d['core']:.2f} s"
-                          f"{' <- baseline' if f == dense_form else ''})")
-            d = r["dense"][dense_form]
+            if dense_form is None:     # measure both dense forms once per head count, keep the faster
+                both = {f: run_child({"T": T, "H": H, "what": f"dense:{f}", "hidden": args.hidden})
+                        for f in ("expanded", "absorbed")}
+                dense_form = min(both, key=lambda f: both[f]["core"])
+                for f, d in both.items():
+                    print(f"|  (H={H}, T={T}: dense {f} {d['core']:.2f} s{' <- baseline' if f == dense_form else ''})")
+                d = both[dense_form]
+            else:
+                d = run_child({"T": T, "H": H, "what": f"dense:{dense_form}", "hidden": args.hidden})
             for k in args.topk:
-                s = r["sparse"][str(k)]
+                s = run_child({"T": T, "H": H, "what": f"sparse:{k}", "hidden": args.hidden})
                 f = flops(T, H, k)
                 bound = f["dense"] / (f["sparse"] + f["indexer"])
-                sparse_time = s["index"] + s["core"]
+                sparse_time = s["index"] + s["attention"]
                 speedup = d["core"] / sparse_time
-                attn_gflops = f["sparse"] / s["core"] / 1e9
-                row = (f"| {T:5d} | {H:3d} | {k:4d} | {d['core']:7.2f} | {sparse_time:7.2f} ({s['index']:5.2f} + "
-                       f"{s['core']:6.2f}) | {bound:5.2f} | {speedup:7.2f} | {speedup / bound:5.0%} | "
-                       f"{attn_gflops:8.1f} ({attn_gflops / peak:4.0%}) | {f['indexer'] / s['index'] / 1e9:11.1f} | "
-                       f"{gib(d['peak']):>13} | {gib(s['peak']):>14} |")
-                print(row, flush=True)
-                rows.append((T, H, k, s["peak"], d["peak"]))
-    print("\nprojections (identical in both paths) are excluded from the times above; "
-          "memory is peak RSS growth during the layer call.")
-    for H in args.heads:
-        for k in args.topk:
-            mems = [(T, m) for T, h, kk, m, _ in rows if h == H and kk == k]
-            if len(mems) >= 2:
-                (t0, m0), (t1, m1) = mems[0], mems[-1]
-                print(f"H={H} k={k}: sparse peak memory x{m1 / max(m0, 1):.2f} for T x{t1 / t0:.0f}")
+                kernel = f["sparse"] / s["kernel"] / 1e9
+                print(f"| {T:5d} | {H:3d} | {k:4d} | {d['core']:7.2f} | {sparse_time:7.2f} ({s['index']:6.2f} + "
+                      f"{s['attention']:6.2f}) | {bound:5.2f} | {speedup:7.2f} | {speedup / bound:5.0%} | "
+                      f"{kernel:9.1f} ({kernel / peak:4.0%}) | {f['indexer'] / s['index'] / 1e9:13.1f} | "
+                      f"{gib(d['peak']):>13} | {gib(s['peak']):>14} |", flush=True)
+                mems.setdefault((H, k), []).append((T, s["peak"]))
+    print("\ntimes exclude the projections that both paths share (q, kv, o); the sparse attention part includes "
+          "the absorption of W_uk / W_uv, the kernel GFLOP/s counts the gather-attention kernel alone; memory is "
+          "the peak RSS growth of the layer call, each path in its own process.")
+    for (H, k), rows in mems.items():
+        if len(rows) >= 2:
+            (t0, m0), (t1, m1) = rows[0], rows[-1]
+            print(f"H={H} k={k}: sparse peak memory x{m1 / max(m0, 1):.2f} for T x{t1 / t0:.0f}")
 
 
 if __name__ == "__main__":

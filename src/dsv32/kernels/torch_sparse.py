@@ -5,15 +5,19 @@ the inputs, the output and the log-sum-exp (the backward re-gathers, as flash at
 
 Why the buffers: on CPU, allocating a fresh multi-MB tensor per block costs more than the
 gather itself (page faults), so each call allocates its work buffers once and reuses them
-through `out=` variants and in-place ops.
+through `out=` variants and in-place ops. Why exp2: torch's vectorised exp2 is ~3x faster
+than exp on CPU, so log2(e) is folded into the query scale and the softmax runs in base 2.
 
 Shapes are those of `reference.py`. Math in float32; results cast back to q's dtype.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+_LOG2E = 1.0 / math.log(2.0)
 _BUDGET_BYTES = 48 * 2**20  # gathered rows per block
 
 
@@ -24,14 +28,15 @@ def _block_size(T: int, K: int, C: int) -> int:
 def _forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int):
     B, T, H, C = q.shape
     S, K = kv.shape[1], indices.shape[-1]
-    out = torch.zeros(B, T, H, dv, dtype=torch.float32, device=q.device)
-    lse = torch.full((B, T, H), float("-inf"), dtype=torch.float32, device=q.device)
     if K == 0 or S == 0:
-        return out, lse
-    qs = q * scale                                        # fold the scale into the small operand
+        return (torch.zeros(B, T, H, dv, dtype=torch.float32, device=q.device),
+                torch.full((B, T, H), float("-inf"), dtype=torch.float32, device=q.device))
+    out = torch.empty(B, T, H, dv, dtype=torch.float32, device=q.device)   # every row is written below
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     tb = _block_size(T, K, C)
     gathered = torch.empty(tb * K, C, dtype=torch.float32, device=q.device)
     scores = torch.empty(tb, H, K, dtype=torch.float32, device=q.device)
+    q_blk = torch.empty(tb, H, C, dtype=torch.float32, device=q.device)
     tiny = torch.finfo(torch.float32).tiny
     for b in range(B):
         kv_b = kv[b]
@@ -44,17 +49,18 @@ def _forward(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: fl
             torch.index_select(kv_b, 0, idx.clamp(min=0).reshape(-1), out=g)
             g = g.view(n, K, C)
             s = scores[:n]
-            torch.bmm(qs[b, t0:t1], g.transpose(1, 2), out=s)   # (n, H, K)
+            qb = torch.mul(q[b, t0:t1], scale * _LOG2E, out=q_blk[:n])    # scores in base 2
+            torch.bmm(qb, g.transpose(1, 2), out=s)                       # (n, H, K)
             if not bool(valid.all()):                     # only the first queries of a prefill
                 s.masked_fill_(~valid[:, None, :], float("-inf"))
             m = s.amax(dim=-1, keepdim=True)
             m.masked_fill_(torch.isinf(m), 0.0)
-            s.sub_(m).exp_()
+            s.sub_(m).exp2_()
             denom = s.sum(dim=-1, keepdim=True)           # (n, H, 1)
             o = out[b, t0:t1]
             torch.bmm(s, g[..., :dv], out=o)
             o.div_(denom.clamp(min=tiny))                 # normalise the (H, dv) output, not (H, K) probs
-            lse[b, t0:t1] = (m + denom.log()).squeeze(-1)
+            lse[b, t0:t1] = ((m + denom.log2()) * math.log(2.0)).squeeze(-1)
     return out, lse
 
 
@@ -87,7 +93,7 @@ def _backward(q, kv, indices, scale, dv, out, lse, dout):
             qb, dob = qs[b, t0:t1], dout[b, t0:t1]
             p = p_buf[:n]
             torch.bmm(qb, g.transpose(1, 2), out=p)
-            p.sub_(safe_lse[b, t0:t1, :, None]).exp_()
+            p.sub_(safe_lse[b, t0:t1, :, None]).mul_(_LOG2E).exp2_()
             if not bool(valid.all()):
                 p.masked_fill_(~valid[:, None, :], 0.0)
             dp = dp_buf[:n]

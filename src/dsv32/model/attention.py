@@ -135,25 +135,40 @@ class MLA(nn.Module):
     def _sparse_absorbed(self, q_n, q_r, latent, ctx, indices, selector, backend):
         """Blocks of queries: select (if not given), absorb, gather-attend, un-absorb."""
         B, T, H, _ = q_n.shape
-        C = latent.shape[-1]
-        w_uk, w_uv = self.absorbed_weights()
         compute = torch.float32 if latent.device.type == "cpu" else latent.dtype
         latent_c = latent.to(compute)
-        chunk = T if torch.is_grad_enabled() else max(1, _CHUNK_BUDGET_BYTES // (4 * B * H * C))
-        outs = []
+        w_uk, w_uv = (w.to(compute) for w in self.absorbed_weights())
+        if torch.is_grad_enabled():
+            idx = indices if indices is not None else self._select(selector, ctx, 0, T, backend)
+            q_cat = torch.cat((torch.einsum("bthd,hdr->bthr", q_n.to(compute), w_uk), q_r.to(compute)), dim=-1)
+            o, _ = kernels.sparse_mla(q_cat, latent_c, idx, self.scale, self.r, backend)
+            return torch.einsum("bthr,hvr->bthv", o, w_uv)
+        # Inference: chunks of queries bound the memory, and every chunk reuses the same work
+        # buffers (fresh multi-MB tensors per chunk cost page faults that rival the matmuls on CPU).
+        C = latent.shape[-1]
+        chunk = max(1, min(T, _CHUNK_BUDGET_BYTES // (4 * B * H * C)))
+        q_buf = torch.empty(B * chunk * H * C, dtype=compute, device=latent.device)
+        prod_buf = torch.empty(H * B * chunk * max(self.r, self.d_v), dtype=compute, device=latent.device)
+        result = torch.empty(B, T, H, self.d_v, dtype=compute, device=latent.device)
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
-            if indices is None:
-                q_index, w_index, k_index = selector
-                idx = self.indexer.select(q_index[:, t0:t1], w_index[:, t0:t1], k_index,
-                                          ctx.q_start + t0, ctx.key_valid, backend)
-            else:
-                idx = indices[:, t0:t1]
-            q_abs = torch.einsum("bthd,hdr->bthr", q_n[:, t0:t1].to(compute), w_uk.to(compute))
-            q_cat = torch.cat((q_abs, q_r[:, t0:t1].to(compute)), dim=-1)
+            n = t1 - t0
+            idx = indices[:, t0:t1] if indices is not None else self._select(selector, ctx, t0, t1, backend)
+            prod = prod_buf[: H * B * n * self.r].view(H, B * n, self.r)
+            torch.bmm(q_n[:, t0:t1].to(compute).reshape(B * n, H, self.d_n).transpose(0, 1), w_uk, out=prod)
+            q_cat = q_buf[: B * n * H * C].view(B, n, H, C)
+            q_cat[..., : self.r].copy_(prod.view(H, B, n, self.r).permute(1, 2, 0, 3))
+            q_cat[..., self.r:].copy_(q_r[:, t0:t1])
             o, _ = kernels.sparse_mla(q_cat, latent_c, idx, self.scale, self.r, backend)
-            outs.append(torch.einsum("bthr,hvr->bthv", o, w_uv.to(compute)))
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+            back = prod_buf[: H * B * n * self.d_v].view(H, B * n, self.d_v)
+            torch.bmm(o.reshape(B * n, H, self.r).transpose(0, 1), w_uv.transpose(1, 2), out=back)
+            result[:, t0:t1].copy_(back.view(H, B, n, self.d_v).permute(1, 2, 0, 3))
+        return result
+
+    def _select(self, selector, ctx: ForwardContext, t0: int, t1: int, backend: str) -> torch.Tensor:
+        q_index, w_index, k_index = selector
+        return self.indexer.select(q_index[:, t0:t1], w_index[:, t0:t1], k_index, ctx.q_start + t0,
+                                   ctx.key_valid, backend)
 
     def _sparse_expanded(self, q_n, q_r, latent, indices):
         k, v = self.expand(latent)
