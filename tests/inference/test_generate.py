@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dsv32
+from dsv32 import AttentionOptions
 from dsv32.inference import LatentCache, StaticLatentCache, generate
 from tests.conftest import randomize_, tiny_config
 
@@ -60,16 +61,19 @@ def test_chunked_prefill_equals_one_shot(model, chunk):
     assert one.length == chunked.length == ids.shape[1]
 
 
-def test_continuation_after_cached_prefix_and_decode_equal_forward(model):
+@pytest.mark.parametrize("attention", [None, AttentionOptions(sparse=False, form="absorbed")],
+                         ids=["sparse", "dense-absorbed"])
+def test_continuation_after_cached_prefix_and_decode_equal_forward(model, attention):
     """Prefill a prefix, then feed the rest one token at a time: every logit equals the
     full forward pass at the same position (left-padded batch, positions by real tokens)."""
     ids, mask = dsv32.inference.left_pad(PROMPTS, model.config.pad_token_id)
+    opts = {} if attention is None else {"attention": attention}
     with torch.no_grad():
-        full = model(ids, attention_mask=mask).logits
+        full = model(ids, attention_mask=mask, **opts).logits
         cache = StaticLatentCache(model.config, 3, 16)
-        steps = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits]
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache, **opts).logits]
         for t in range(5, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache).logits)
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache, **opts).logits)
     inc = torch.cat(steps, dim=1)
     torch.testing.assert_close(inc[mask], full[mask], atol=1e-5, rtol=0)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dsv32.model.indexer import fp8_e4m3_roundtrip, hadamard_matrix, index_scores, select_topk
+from dsv32.model.indexer import (fp8_e4m3_roundtrip, hadamard_matrix, index_scores, index_scores_tiled,
+                                 select_topk)
 
 
 def brute_scores(q, w, k):
@@ -25,6 +26,14 @@ def test_index_scores_formula():
     g = torch.Generator().manual_seed(0)
     q, w, k = torch.randn(1, 3, 4, 5, generator=g), torch.randn(1, 3, 4, generator=g), torch.randn(1, 6, 5, generator=g)
     torch.testing.assert_close(index_scores(q, w, k), brute_scores(q, w, k), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 3, 80])      # T·H_I <= 256: key-major (decode) path; 80: query-major tiles
+def test_tiled_scores_equal_reference(T):
+    g = torch.Generator().manual_seed(T)
+    q, w = torch.randn(2, T, 4, 8, generator=g), torch.randn(2, T, 4, generator=g)
+    k = torch.randn(2, 9000, 8, generator=g)            # more keys than one tile of either path
+    torch.testing.assert_close(index_scores_tiled(q, w, k), index_scores(q, w, k), atol=1e-4, rtol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

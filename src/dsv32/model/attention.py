@@ -211,6 +211,13 @@ class MLA(nn.Module):
         q = torch.cat((q_abs, q_r.to(compute)), dim=-1).transpose(1, 2)       # (B, H, T, C)
         kv = latent.to(compute)[:, None]                                       # (B, 1, S, C)
         mask = self._dense_mask(ctx, T, S, q.device)
+        if T == 1:
+            # Decode: one latent head shared by all heads, so the heads are the queries of a
+            # single-head attention (B, 1, H, C) -- one pass over the cache instead of H, and
+            # the (B, 1, 1, S) mask broadcasts over them.
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), kv, kv, attn_mask=mask,
+                                               scale=self.scale)                   # (B, 1, H, C)
+            return torch.einsum("bthr,hvr->bthv", o[..., : self.r], w_uv.to(compute))
         # Values are the whole latent row so q/k/v dims match (fused kernel); keep the c_kv part.
         o = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, is_causal=mask is None,
                                            scale=self.scale, enable_gqa=True)

@@ -34,6 +34,8 @@ from .rope import apply_rope_half
 
 _SCORE_BUDGET_BYTES = 64 * 2**20   # (block, S) float32 scores per block of queries
 _ROWS_PER_BLOCK = 2048             # queries x H_I rows per matmul: a good GEMM shape on CPU
+_DECODE_ROWS = 256                 # at most this many (query, head) rows: key-major product
+_DECODE_KEY_TILE = 8192            # keys per tile of the key-major product (bounds its memory)
 _KEY_TILE = 512                    # keys per tile: the (rows, tile) product stays in cache
 _FP8_MAX = 448.0                   # largest finite float8_e4m3fn
 
@@ -130,6 +132,8 @@ def index_scores_tiled(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, tile: 
     tile = max(1, min(tile, S))
     buf = torch.empty(T * Hi * tile, dtype=torch.float32, device=q.device)
     tmp = torch.empty(T * tile, dtype=torch.float32, device=q.device)
+    if T * Hi <= _DECODE_ROWS:
+        return _index_scores_key_major(q, w, k, out)
     for b in range(B):
         q2, wb, kt = q[b].reshape(T * Hi, d).float(), w[b].float().unsqueeze(1), k[b].float().t()
         for s0 in range(0, S, tile):
@@ -140,6 +144,24 @@ def index_scores_tiled(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, tile: 
             red = tmp[: T * n].view(T, 1, n)
             torch.bmm(wb, sc.view(T, Hi, n), out=red)
             out[b, :, s0:s0 + n] = red.view(T, n)
+    return out
+
+
+def _index_scores_key_major(q, w, k, out):
+    """Few query rows (decode): one (S, T·H_I) product with the keys as the long side -- the
+    shape a CPU GEMM runs near peak -- then ReLU and the head-weighted sum as a batched product."""
+    B, T, Hi, d = q.shape
+    S = k.shape[1]
+    tile = max(1, min(S, _DECODE_KEY_TILE))
+    buf = torch.empty(tile * T * Hi, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        qt, wb = q[b].reshape(T * Hi, d).float().t(), w[b].float().unsqueeze(2)
+        for s0 in range(0, S, tile):
+            n = min(tile, S - s0)
+            sc = buf[: n * T * Hi].view(n, T * Hi)
+            torch.mm(k[b, s0:s0 + n].float(), qt, out=sc)                          # (n, T·H_I)
+            sc.relu_()
+            out[b, :, s0:s0 + n] = torch.bmm(sc.view(n, T, Hi).transpose(0, 1), wb).squeeze(2)
     return out
 
 
