@@ -67,3 +67,18 @@ def test_bf16_inputs_compute_in_float32():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown sparse attention backend"):
         kernels.resolve_backend("cuda-magic", torch.device("cpu"))
+
+
+def test_inference_reads_a_strided_cache_view():
+    """kv as a view of a larger preallocated cache (B > 1, so not contiguous) gives the same
+    result as a contiguous copy."""
+    g = torch.Generator().manual_seed(5)
+    q, buffer = torch.randn(3, 1, 4, 28, generator=g), torch.randn(3, 64, 28, generator=g)
+    view = buffer[:, :40]
+    assert not view.is_contiguous()
+    idx = torch.argsort(torch.rand(3, 1, 40, generator=g), dim=-1)[..., :12]
+    with torch.no_grad():
+        out, lse = torch_sparse.sparse_mla_torch(q, view, idx, 0.2, 20)
+        ref, ref_lse = kernels.sparse_mla_reference(q, view.contiguous(), idx, 0.2, 20)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)

@@ -133,3 +133,14 @@ def test_bad_inputs_raise(bad):
         idx = idx.float()
     with pytest.raises(ValueError):
         sparse_mla_triton(q, kv, idx, 0.3, dv)
+
+
+def test_forward_reads_a_strided_cache_view():
+    """Decode over a preallocated cache: kv is a (B, S, C) view of a (B, S_max, C) buffer, so
+    batch rows are not contiguous with each other; the kernel reads it in place."""
+    q, kv, idx = make_inputs(3, 1, 4, 40, r=20, dr=8, K=12, dtype=torch.float32)
+    buffer = torch.zeros(3, 64, kv.shape[-1], device=DEVICE)
+    buffer[:, :40] = kv
+    view = buffer[:, :40]
+    assert not view.is_contiguous()
+    check_forward(q, view, idx, dv=20)

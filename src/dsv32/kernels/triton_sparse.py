@@ -355,10 +355,12 @@ def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
     and kv. `num_splits` cuts the K slots into that many split-K partitions merged by
     `_combine_kernel`; None chooses (more than one only for decode-sized launches on CUDA)."""
     _check(q, kv, indices, dv)
-    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
+    q, indices = q.contiguous(), indices.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return _SparseMLATriton.apply(q, kv, indices, float(scale), dv, num_splits)
-    return _forward(q, kv, indices, float(scale), dv, num_splits)
+        return _SparseMLATriton.apply(q, kv.contiguous(), indices, float(scale), dv, num_splits)
+    # The forward kernel takes kv's batch and row strides: a view of a preallocated cache is used
+    # as it is instead of copying the whole cache on every decode step.
+    return _forward(q, kv if kv.stride(-1) == 1 else kv.contiguous(), indices, float(scale), dv, num_splits)
 
 
 register_backend("triton", sparse_mla_triton)
