@@ -82,6 +82,16 @@ def test_decode_over_a_cache(dtype):
     check_same_selection(q, w, k, 24, 199, key_valid)
 
 
+def test_decode_reads_a_strided_cache_view():
+    """Keys as a (B, S, d) view of a preallocated (B, S_max, d) cache: read in place."""
+    q, w, k, key_valid = make_inputs(2, 1, 8, 16, 40, seed=4)
+    buffer = torch.zeros(2, 64, 16, device=DEVICE)
+    buffer[:, :40] = k
+    view = buffer[:, :40]
+    assert not view.is_contiguous()
+    check_same_selection(q, w, view, 6, 39, key_valid, block_s=16)
+
+
 def test_fewer_allowed_keys_than_topk():
     """Early queries see fewer keys than topk: the tail of their rows is -1. A decode query at
     slot 16 = the first key of the second block must still see itself (block-skip boundary)."""

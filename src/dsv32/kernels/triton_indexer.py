@@ -172,7 +172,9 @@ def select_topk_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: 
     out = torch.full((B, T, K), -1, dtype=torch.long, device=q.device)
     if K <= 0 or T == 0:
         return out
-    q, k, w = q.contiguous(), k.contiguous(), w.float().contiguous()
+    # k is read through its batch and row strides: a view of a preallocated cache is not copied.
+    q, w = q.contiguous(), w.float().contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
     valid_u8 = key_valid[:, :S].to(torch.uint8).contiguous() if key_valid is not None else None
     if block is None:
         keep = min(_pow2(K), block_s)
