@@ -158,3 +158,32 @@ def test_selection_report_recall_in_unit_interval_and_one_when_topk_covers_all()
     small = randomize_(DSV32ForCausalLM(tiny_config(index_topk=4)), seed=5)
     rec = selection_report(small, ids, attention=AttentionOptions(sparse=True)).recall(4)
     assert 0.0 < rec["indexer_recall_past_k"] < rec["indexer_recall"] < rec["indexer_recall_ceiling"] < 1.0
+
+
+def test_mtp_indexers_train_in_both_stages():
+    """With an MTP layer, the warm-up loss gains that layer's term -- equal to the naive loss on
+    the MTP layer's own (depth-shifted) input -- and stage 2 trains its indexer too, while the
+    MTP layer's other weights get no gradient unless mtp_weight > 0."""
+    cfg = tiny_config(num_nextn_predict_layers=1, index_topk=5)
+    model = randomize_(DSV32ForCausalLM(cfg), seed=6)
+    mtp_idx = cfg.num_hidden_layers
+    ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+
+    step = IndexerWarmup()(model, ids)
+    assert f"indexer_kl/layer{mtp_idx}" in step.metrics
+    with torch.no_grad():
+        out = model(ids, attention=AttentionOptions(sparse=False), keep_indexer_inputs=True, compute_mtp=True)
+    kept = out.context.indexer_inputs[mtp_idx]
+    assert kept["x"].shape[1] == 23                    # the MTP layer sees positions 1..23
+    naive = _naive_warmup(model.mtp[0].self_attn, kept["x"], kept["cos"], kept["sin"], kept["key_valid"])
+    torch.testing.assert_close(step.metrics[f"indexer_kl/layer{mtp_idx}"], naive.detach(), rtol=1e-5, atol=1e-6)
+    step.loss.backward()
+    for name, g in _grads(model).items():
+        assert (g is not None) == (".indexer." in name), name
+    assert model.mtp[0].self_attn.indexer.wk.weight.grad.abs().sum() > 0
+
+    model.zero_grad(set_to_none=True)
+    SparseTraining(indexer_weight=1.0)(model, ids).loss.backward()
+    grads = _grads(model)
+    assert grads["mtp.0.self_attn.indexer.wk.weight"].abs().sum() > 0
+    assert all(g is None for n, g in grads.items() if n.startswith("mtp.") and ".indexer." not in n)

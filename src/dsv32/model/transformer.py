@@ -229,9 +229,15 @@ class DSV32ForCausalLM(nn.Module):
             cos, sin = self.rotary(pos)
             valid = None if key_valid is None else key_valid[:, depth:]
             ctx = ForwardContext(cos=cos, sin=sin, key_valid=valid, q_start=0, attention=main_ctx.attention,
-                                 balance_alpha=main_ctx.balance_alpha)
+                                 balance_alpha=main_ctx.balance_alpha, return_indices=main_ctx.return_indices,
+                                 keep_indexer_inputs=main_ctx.keep_indexer_inputs)
             h = layer(h[:, :-1], self.model.embed_tokens(input_ids[:, depth:]), ctx)
             logits.append(self.lm_head(h))
+            # An MTP layer sees the sequence shifted by its depth: its kept indexer inputs carry
+            # their own RoPE tables and key mask, so indexer training can use them as they are.
+            for idx, kept in ctx.indexer_inputs.items():
+                main_ctx.indexer_inputs[idx] = {**kept, "cos": cos, "sin": sin, "key_valid": valid}
+            main_ctx.indices.update(ctx.indices)
         return logits
 
     # ------------------------------------------------------------------ conveniences

@@ -29,8 +29,9 @@ The main model's side is detached: targets come from `torch.no_grad` projections
 layer inputs, so the indexer loss never reaches the main model, and the model's forward runs
 the indexer under no_grad, so the LM loss never reaches the indexer.
 
-Left out: the indexers of MTP layers (only the main layers' indexers train here, so an MTP
-module should run dense attention after conversion), and any special treatment of the
+MTP layers: when the model has them, both stages also run them (dense in the warm-up, sparse in
+stage 2) and train their indexers the same way, on the sequence shifted by the layer's depth;
+their LM loss counts only with `mtp_weight > 0`. Left out: any special treatment of the
 optional window/sink slots of SPEC §2, which count as selected like any other slot.
 """
 
@@ -286,6 +287,20 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------- objectives
+def _indexed_layers(model: DSV32ForCausalLM, ctx):
+    """(layer index, its MLA, kept inputs, cos, sin, key_valid) of every layer, main then MTP,
+    whose indexer inputs the forward kept; an MTP layer's own (shifted) geometry comes with them."""
+    for layer in [*model.model.layers, *model.mtp]:
+        mla = layer.self_attn
+        kept = ctx.indexer_inputs.get(mla.layer_idx)
+        if kept is None:
+            continue
+        if "cos" in kept:
+            yield mla.layer_idx, mla, kept, kept["cos"], kept["sin"], kept["key_valid"]
+        else:
+            yield mla.layer_idx, mla, kept, ctx.cos, ctx.sin, ctx.key_valid
+
+
 def _indexer_parts(mla: MLA, kept: dict[str, torch.Tensor], cos, sin):
     iq, iw = mla.indexer.queries(kept["x"], kept["c_q"], cos, sin)
     ik = mla.indexer.keys(kept["x"], cos, sin)
@@ -311,13 +326,12 @@ class IndexerWarmup:
     def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
         with torch.no_grad():
             out = model(input_ids, attention=AttentionOptions(sparse=False), keep_indexer_inputs=True,
-                        logits_to_keep=1)
-        ctx = out.context
+                        logits_to_keep=1, compute_mtp=len(model.mtp) > 0)
         total = torch.zeros((), device=input_ids.device)
         metrics: Metrics = {}
-        for i, layer in enumerate(model.model.layers):
-            q, kv, iq, iw, ik = _indexer_parts(layer.self_attn, ctx.indexer_inputs[i], ctx.cos, ctx.sin)
-            loss, m = indexer_warmup_loss(q, kv, layer.self_attn.scale, iq, iw, ik, ctx.key_valid)
+        for i, mla, kept, cos, sin, key_valid in _indexed_layers(model, out.context):
+            q, kv, iq, iw, ik = _indexer_parts(mla, kept, cos, sin)
+            loss, m = indexer_warmup_loss(q, kv, mla.scale, iq, iw, ik, key_valid)
             total = total + loss
             metrics[f"indexer_kl/layer{i}"] = m["indexer_kl"]
         metrics["indexer_kl"] = total.detach()
@@ -352,15 +366,14 @@ class SparseTraining:
 
     def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
         out = model(input_ids, attention=self.attention, keep_indexer_inputs=True, return_indices=True,
-                    balance_alpha=self.balance_alpha, compute_mtp=self.mtp_weight > 0)
+                    balance_alpha=self.balance_alpha, compute_mtp=self.mtp_weight > 0 or len(model.mtp) > 0)
         loss, metrics = language_model_terms(out, input_ids, self.mtp_weight)
-        ctx = out.context
         kl_total = torch.zeros((), device=input_ids.device)
-        for i, layer in enumerate(model.model.layers):
+        for i, mla, kept, cos, sin, key_valid in _indexed_layers(model, out.context):
             if i not in out.indices:
                 continue
-            q, kv, iq, iw, ik = _indexer_parts(layer.self_attn, ctx.indexer_inputs[i], ctx.cos, ctx.sin)
-            kl, _ = indexer_sparse_loss(q, kv, layer.self_attn.scale, iq, iw, ik, out.indices[i], ctx.key_valid)
+            q, kv, iq, iw, ik = _indexer_parts(mla, kept, cos, sin)
+            kl, _ = indexer_sparse_loss(q, kv, mla.scale, iq, iw, ik, out.indices[i], key_valid)
             kl_total = kl_total + kl
         metrics["indexer_kl_selected"] = kl_total.detach()
         return StepResult(loss=loss + self.indexer_weight * kl_total, metrics=metrics,
