@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .layout import unit_stride_rows
+
 _LOG2E = 1.0 / math.log(2.0)
 _BUDGET_BYTES = 48 * 2**20  # gathered rows per block
 
@@ -129,9 +131,5 @@ def sparse_mla_torch(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     """Blocked-gather sparse attention; see the module docstring for shapes."""
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
         return _SparseMLA.apply(q, kv, indices, scale, dv)
-    # Inference reads kv through index_select on each kv[b]; any row stride works, so a view of a
-    # preallocated cache (B > 1: rows of one sequence are not contiguous with the next) is used
-    # as it is -- .contiguous() would copy the whole cache on every decode step.
-    kv = kv.float()
-    out, lse = _forward(q.float().contiguous(), kv if kv.stride(-1) == 1 else kv.contiguous(), indices, scale, dv)
+    out, lse = _forward(q.float().contiguous(), unit_stride_rows(kv.float()), indices, scale, dv)
     return out.to(q.dtype), lse

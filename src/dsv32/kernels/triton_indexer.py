@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import register_selector
+from .layout import unit_stride_rows
 
 _CANDIDATE_BUDGET_BYTES = 512 * 2**20   # stage-1 output of one chunk of queries
 _BLOCK_S = 64
@@ -172,9 +173,7 @@ def select_topk_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: 
     out = torch.full((B, T, K), -1, dtype=torch.long, device=q.device)
     if K <= 0 or T == 0:
         return out
-    # k is read through its batch and row strides: a view of a preallocated cache is not copied.
-    q, w = q.contiguous(), w.float().contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    q, k, w = q.contiguous(), unit_stride_rows(k), w.float().contiguous()
     valid_u8 = key_valid[:, :S].to(torch.uint8).contiguous() if key_valid is not None else None
     if block is None:
         keep = min(_pow2(K), block_s)

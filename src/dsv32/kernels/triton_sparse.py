@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from . import register_backend
+from .layout import unit_stride_rows
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -358,9 +359,7 @@ def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
     q, indices = q.contiguous(), indices.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
         return _SparseMLATriton.apply(q, kv.contiguous(), indices, float(scale), dv, num_splits)
-    # The forward kernel takes kv's batch and row strides: a view of a preallocated cache is used
-    # as it is instead of copying the whole cache on every decode step.
-    return _forward(q, kv if kv.stride(-1) == 1 else kv.contiguous(), indices, float(scale), dv, num_splits)
+    return _forward(q, unit_stride_rows(kv), indices, float(scale), dv, num_splits)
 
 
 register_backend("triton", sparse_mla_triton)

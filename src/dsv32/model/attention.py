@@ -99,7 +99,8 @@ class MLA(nn.Module):
         select = opts.sparse and (S > self.topk or opts.backend != "auto")
         form = self._form(opts, T, ctx)
         if ctx.keep_indexer_inputs:  # dense layers too: the indexer warm-up trains under dense attention
-            ctx.indexer_inputs[self.layer_idx] = {"x": x.detach(), "c_q": c_q.detach()}
+            ctx.indexer_inputs[self.layer_idx] = {"x": x.detach(), "c_q": c_q.detach(), "cos": ctx.cos,
+                                                  "sin": ctx.sin, "key_valid": ctx.key_valid}
         q_index = w_index = indices = None
         if opts.sparse and (select or ctx.return_indices):
             with torch.no_grad():

@@ -129,11 +129,11 @@ def index_scores_tiled(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, tile: 
     B, T, Hi, d = q.shape
     S = k.shape[1]
     out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
+    if T * Hi <= _DECODE_ROWS:
+        return _index_scores_key_major(q, w, k, out)
     tile = max(1, min(tile, S))
     buf = torch.empty(T * Hi * tile, dtype=torch.float32, device=q.device)
     tmp = torch.empty(T * tile, dtype=torch.float32, device=q.device)
-    if T * Hi <= _DECODE_ROWS:
-        return _index_scores_key_major(q, w, k, out)
     for b in range(B):
         q2, wb, kt = q[b].reshape(T * Hi, d).float(), w[b].float().unsqueeze(1), k[b].float().t()
         for s0 in range(0, S, tile):

@@ -233,10 +233,7 @@ class DSV32ForCausalLM(nn.Module):
                                  keep_indexer_inputs=main_ctx.keep_indexer_inputs)
             h = layer(h[:, :-1], self.model.embed_tokens(input_ids[:, depth:]), ctx)
             logits.append(self.lm_head(h))
-            # An MTP layer sees the sequence shifted by its depth: its kept indexer inputs carry
-            # their own RoPE tables and key mask, so indexer training can use them as they are.
-            for idx, kept in ctx.indexer_inputs.items():
-                main_ctx.indexer_inputs[idx] = {**kept, "cos": cos, "sin": sin, "key_valid": valid}
+            main_ctx.indexer_inputs.update(ctx.indexer_inputs)     # with their depth-shifted geometry
             main_ctx.indices.update(ctx.indices)
         return logits
 

@@ -276,11 +276,8 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
     report = SelectionReport(query_valid=ctx.key_valid)
     for i, layer in enumerate(model.model.layers):
         mla = layer.self_attn
-        kept = ctx.indexer_inputs[i]
-        iq, iw = mla.indexer.queries(kept["x"], kept["c_q"], ctx.cos, ctx.sin)
-        ik = mla.indexer.keys(kept["x"], ctx.cos, ctx.sin)
+        q, kv, iq, iw, ik = _indexer_parts(mla, ctx.indexer_inputs[i])
         idx = mla.indexer.select(iq, iw, ik, 0, ctx.key_valid)
-        q, kv = attention_queries(mla, kept["x"], ctx.cos, ctx.sin)
         report.indices[i] = idx
         report.mass[i], report.ceiling[i] = selected_mass(q, kv, mla.scale, idx, ctx.key_valid)
     return report
@@ -288,20 +285,17 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
 
 # ------------------------------------------------------------------------------- objectives
 def _indexed_layers(model: DSV32ForCausalLM, ctx):
-    """(layer index, its MLA, kept inputs, cos, sin, key_valid) of every layer, main then MTP,
-    whose indexer inputs the forward kept; an MTP layer's own (shifted) geometry comes with them."""
+    """(layer index, its MLA, kept inputs) of every layer, main then MTP, whose indexer inputs
+    the forward kept; the kept inputs carry the layer's RoPE tables and key mask (an MTP layer's
+    are shifted by its depth)."""
     for layer in [*model.model.layers, *model.mtp]:
         mla = layer.self_attn
-        kept = ctx.indexer_inputs.get(mla.layer_idx)
-        if kept is None:
-            continue
-        if "cos" in kept:
-            yield mla.layer_idx, mla, kept, kept["cos"], kept["sin"], kept["key_valid"]
-        else:
-            yield mla.layer_idx, mla, kept, ctx.cos, ctx.sin, ctx.key_valid
+        if mla.layer_idx in ctx.indexer_inputs:
+            yield mla.layer_idx, mla, ctx.indexer_inputs[mla.layer_idx]
 
 
-def _indexer_parts(mla: MLA, kept: dict[str, torch.Tensor], cos, sin):
+def _indexer_parts(mla: MLA, kept: dict[str, torch.Tensor]):
+    cos, sin = kept["cos"], kept["sin"]
     iq, iw = mla.indexer.queries(kept["x"], kept["c_q"], cos, sin)
     ik = mla.indexer.keys(kept["x"], cos, sin)
     q, kv = attention_queries(mla, kept["x"], cos, sin)
@@ -329,9 +323,9 @@ class IndexerWarmup:
                         logits_to_keep=1, compute_mtp=len(model.mtp) > 0)
         total = torch.zeros((), device=input_ids.device)
         metrics: Metrics = {}
-        for i, mla, kept, cos, sin, key_valid in _indexed_layers(model, out.context):
-            q, kv, iq, iw, ik = _indexer_parts(mla, kept, cos, sin)
-            loss, m = indexer_warmup_loss(q, kv, mla.scale, iq, iw, ik, key_valid)
+        for i, mla, kept in _indexed_layers(model, out.context):
+            q, kv, iq, iw, ik = _indexer_parts(mla, kept)
+            loss, m = indexer_warmup_loss(q, kv, mla.scale, iq, iw, ik, kept["key_valid"])
             total = total + loss
             metrics[f"indexer_kl/layer{i}"] = m["indexer_kl"]
         metrics["indexer_kl"] = total.detach()
@@ -369,11 +363,11 @@ class SparseTraining:
                     balance_alpha=self.balance_alpha, compute_mtp=self.mtp_weight > 0 or len(model.mtp) > 0)
         loss, metrics = language_model_terms(out, input_ids, self.mtp_weight)
         kl_total = torch.zeros((), device=input_ids.device)
-        for i, mla, kept, cos, sin, key_valid in _indexed_layers(model, out.context):
+        for i, mla, kept in _indexed_layers(model, out.context):
             if i not in out.indices:
                 continue
-            q, kv, iq, iw, ik = _indexer_parts(mla, kept, cos, sin)
-            kl, _ = indexer_sparse_loss(q, kv, mla.scale, iq, iw, ik, out.indices[i], key_valid)
+            q, kv, iq, iw, ik = _indexer_parts(mla, kept)
+            kl, _ = indexer_sparse_loss(q, kv, mla.scale, iq, iw, ik, out.indices[i], kept["key_valid"])
             kl_total = kl_total + kl
         metrics["indexer_kl_selected"] = kl_total.detach()
         return StepResult(loss=loss + self.indexer_weight * kl_total, metrics=metrics,
