@@ -4,7 +4,7 @@
 """
 
 from .config import ModelConfig
-from .model import AttentionOptions, DSV32ForCausalLM, ModelOutput
+from .model import AttentionOptions, DSV32ForCausalLM, ModelOutput, Records
 
 
 def load_pretrained(path, **kwargs):
@@ -13,5 +13,5 @@ def load_pretrained(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["AttentionOptions", "DSV32ForCausalLM", "ModelConfig", "ModelOutput", "load_pretrained"]
+__all__ = ["AttentionOptions", "DSV32ForCausalLM", "ModelConfig", "ModelOutput", "Records", "load_pretrained"]
 __version__ = "0.1.0"

@@ -239,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The verbs that shard their model under torchrun (FSDP2, DCP checkpoints, rank-0 reporting);
+# every other verb works on one process and refuses a multi-process launch.
+DISTRIBUTED_VERBS = ("pretrain", "sparsify", "sft", "grpo")
+
+
+def _check_launcher(verb: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and verb not in DISTRIBUTED_VERBS:
+        raise UserError(f"{verb} runs on one process; launch it without torchrun (the verbs that run under "
+                        f"torchrun: {', '.join(DISTRIBUTED_VERBS)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             parser.print_help()
             return 0
+        _check_launcher(argv[0])
         verb_parser = parser
         if argv[0] in parser._subparsers._group_actions[0].choices:
             verb_parser = parser._subparsers._group_actions[0].choices[argv[0]]

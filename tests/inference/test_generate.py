@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsv32
-from dsv32 import AttentionOptions
+from dsv32 import AttentionOptions, Records
 from dsv32.inference import LatentCache, StaticLatentCache, generate
 from tests.conftest import randomize_, tiny_config
 
@@ -85,8 +85,8 @@ def test_recorded_logprobs_kept_sets_and_routing_replay(model):
     full_mask = torch.cat((res.prompt_mask, res.completion_mask), dim=1)
     P = res.prompt_ids.shape[1]
     with torch.no_grad():
-        free = model(seq, attention_mask=full_mask, record_routing=True)
-        replayed = model(seq, attention_mask=full_mask, routing=res.routing)
+        free = model(seq, attention_mask=full_mask, records=Records(record_routing=True))
+        replayed = model(seq, attention_mask=full_mask, records=Records(replay_routing=res.routing))
     kept = res.kept_padded()
     for out in (free, replayed):
         scaled = out.logits[:, P - 1:-1] / 0.7
@@ -112,11 +112,11 @@ def test_recorded_logprobs_kept_sets_and_routing_replay(model):
 def test_replayed_routing_is_used_where_routing_would_change(model):
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
-        rec = model(ids, record_routing=True)
+        rec = model(ids, records=Records(record_routing=True))
         model.model.layers[1].mlp.gate.e_score_correction_bias += torch.linspace(-1, 1, 8)   # perturb routing
         try:
-            moved = model(ids, record_routing=True)
-            kept = model(ids, routing=rec.routing)
+            moved = model(ids, records=Records(record_routing=True))
+            kept = model(ids, records=Records(replay_routing=rec.routing))
         finally:
             model.model.layers[1].mlp.gate.e_score_correction_bias -= torch.linspace(-1, 1, 8)
     assert not torch.equal(moved.routing[1], rec.routing[1])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from dsv32 import Records
 from dsv32.model.indexer import (fp8_e4m3_roundtrip, hadamard_matrix, index_scores, index_scores_tiled,
                                  select_topk)
 
@@ -94,8 +95,8 @@ def test_fp8_indexer_changes_scores_only_slightly():
     fp8.load_state_dict(plain.state_dict())
     ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = plain(ids, return_indices=True)
-        b = fp8(ids, return_indices=True)
+        a = plain(ids, records=Records(record_indices=True))
+        b = fp8(ids, records=Records(record_indices=True))
     overlap = [len(set(x.tolist()) & set(y.tolist())) / len(x) for x, y in
                zip(a.indices[1].view(-1, 4), b.indices[1].view(-1, 4))]
     assert sum(overlap) / len(overlap) > 0.8

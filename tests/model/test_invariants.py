@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv32 import AttentionOptions, DSV32ForCausalLM
+from dsv32 import AttentionOptions, DSV32ForCausalLM, Records
 from tests.conftest import randomize_, tiny_config
 
 
@@ -99,7 +99,7 @@ def test_window_and_sink_are_forced_into_every_set():
     model = model_for(index_topk=3, index_window=2, index_sink=1)
     ids, mask = batch(model.config, T=16)
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, return_indices=True)
+        out = model(ids, attention_mask=mask, records=Records(record_indices=True))
     for layer, idx in out.indices.items():
         assert idx.shape[-1] == 2 + 1 + 3
         for b in range(2):

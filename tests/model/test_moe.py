@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from dsv32 import DSV32ForCausalLM
+from dsv32 import DSV32ForCausalLM, Records
 from dsv32.model.moe import MoE, sequence_balance_loss
 from tests.conftest import randomize_, tiny_config
 
@@ -58,20 +58,20 @@ def test_record_and_replay_routing():
     model = randomize_(DSV32ForCausalLM(tiny_config(num_hidden_layers=3)), seed=4).eval()
     ids = torch.randint(3, 97, (2, 12))
     with torch.no_grad():
-        rec = model(ids, record_routing=True)
+        rec = model(ids, records=Records(record_routing=True))
         assert set(rec.routing) == {1, 2}              # layer 0 is dense
-        replayed = model(ids, routing=rec.routing)
+        replayed = model(ids, records=Records(replay_routing=rec.routing))
         torch.testing.assert_close(replayed.logits, rec.logits, atol=0, rtol=0)
         # Replaying other experts changes the output: the ids are really used.
         other = {k: (v + 1) % 8 for k, v in rec.routing.items()}
-        assert (model(ids, routing=other).logits - rec.logits).abs().max() > 1e-4
+        assert (model(ids, records=Records(replay_routing=other)).logits - rec.logits).abs().max() > 1e-4
 
 
 def test_replayed_routing_shape_is_checked():
     model = DSV32ForCausalLM(tiny_config())
     ids = torch.randint(3, 97, (1, 5))
     try:
-        model(ids, routing={1: torch.zeros(1, 5, 3, dtype=torch.long)})
+        model(ids, records=Records(replay_routing={1: torch.zeros(1, 5, 3, dtype=torch.long)}))
     except ValueError as e:
         assert "replayed routing" in str(e)
     else:
@@ -94,3 +94,38 @@ def test_expert_load_counts_real_tokens_only():
     out = model(ids, attention_mask=mask)
     for load in out.expert_load.values():
         assert int(load.sum()) == 10 * model.config.num_experts_per_tok
+
+
+def test_mtp_layers_record_balance_and_replay_like_main_layers():
+    """The MTP layer's router is recorded, balanced and replayed through the same `Records` as
+    the main layers (it used to get a private context whose records were dropped)."""
+    from dsv32.training.optim import update_router_bias
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    model = randomize_(DSV32ForCausalLM(cfg), seed=7)
+    mtp_idx = cfg.num_hidden_layers
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    rec = model(ids, records=Records(record_routing=True, balance_alpha=0.1), compute_mtp=True)
+    assert set(rec.routing) == set(rec.expert_load) == set(rec.records.balance_loss) == {1, 2, mtp_idx}
+    assert rec.routing[mtp_idx].shape == (2, 11, cfg.num_experts_per_tok)   # the MTP layer sees 11 positions
+    assert int(rec.expert_load[mtp_idx].sum()) == 2 * 11 * cfg.num_experts_per_tok
+
+    # The balance loss reaches the MTP router's weights.
+    rec.aux_loss.backward()
+    assert model.mtp[0].mlp.gate.weight.grad.abs().sum() > 0
+
+    # The router-bias update moves the MTP router too.
+    bias = model.mtp[0].mlp.gate.e_score_correction_bias
+    before = bias.clone()
+    update_router_bias(model, rec.expert_load, 1e-2)
+    torch.testing.assert_close((bias - before).abs(), torch.full_like(bias, 1e-2))
+
+    # Replay covers the MTP layer: recorded ids reproduce its logits, other ids change only them.
+    with torch.no_grad():
+        first = model(ids, records=Records(record_routing=True), compute_mtp=True)
+        again = model(ids, records=Records(replay_routing=first.routing), compute_mtp=True)
+        torch.testing.assert_close(again.mtp_logits[0], first.mtp_logits[0], atol=0, rtol=0)
+        other = dict(first.routing)
+        other[mtp_idx] = (other[mtp_idx] + 1) % cfg.n_routed_experts
+        moved = model(ids, records=Records(replay_routing=other), compute_mtp=True)
+    torch.testing.assert_close(moved.logits, first.logits, atol=0, rtol=0)
+    assert (moved.mtp_logits[0] - first.mtp_logits[0]).abs().max() > 1e-4

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dsv32
+from dsv32 import Records
 from dsv32.model.indexer import index_scores
 from tests.conftest import PARITY_CONFIGS, randomize_, tiny_config
 
@@ -79,25 +80,21 @@ def test_hf_to_dsv32(name, tmp_path):
         mine_plain = ours(ids).logits
         hf_selected = {i: v.clone() for i, v in captured.items()}
         ref_pad = hf(ids, attention_mask=mask, position_ids=pos).logits
-        out = ours(ids, attention_mask=mask, return_indices=True)
+        out = ours(ids, attention_mask=mask, records=Records(record_indices=True))
     torch.testing.assert_close(mine_plain, ref_plain, atol=ATOL, rtol=0)
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], ref_pad[real], atol=ATOL, rtol=0)
 
     # Selected sets (unpadded batch): recompute our scores to judge ties.
     with torch.no_grad():
-        plain = ours(ids, return_indices=True, return_hidden=True)
+        plain = ours(ids, records=Records(record_indices=True, keep_indexer_inputs=True))
     allowed = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(3, T, T)
-    x = ours.model.embed_tokens(ids)
-    ctx = plain.context
     for i, layer in enumerate(ours.model.layers):
-        h = layer.input_layernorm(x)
-        c_q = layer.self_attn.q_a_layernorm(layer.self_attn.q_a_proj(h))
-        q, w = layer.self_attn.indexer.queries(h, c_q, ctx.cos, ctx.sin)
-        k = layer.self_attn.indexer.keys(h, ctx.cos, ctx.sin)
+        kept = plain.records.indexer_inputs[i]              # the layer's own normed input and c_q
+        q, w = layer.self_attn.indexer.queries(kept.x, kept.c_q, kept.cos, kept.sin)
+        k = layer.self_attn.indexer.keys(kept.x, kept.cos, kept.sin)
         scores = index_scores(q, w, k)
         assert_sets_agree(plain.indices[i], hf_selected[i], allowed, scores)
-        x = layer(x, ctx)
 
 
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))

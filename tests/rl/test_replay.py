@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsv32 import Records
 from dsv32.rl import collect_rollout, grpo_loss, policy_logprobs
 from tests.rl.helpers import TOKENIZER, arithmetic, tiny_policy
 
@@ -67,7 +68,7 @@ def test_keep_routing_equals_sampler_where_routing_would_change(model, rollout):
         free, _, _ = policy_logprobs(model, rollout, temperature=T, keep_routing=False)
         end = rollout.sequences.shape[1] - 1
         moved = model(rollout.sequences[:, :end], attention_mask=rollout.attention_mask[:, :end],
-                      record_routing=True).routing
+                      records=Records(record_routing=True)).routing
     finally:
         for gate in moe:
             gate.e_score_correction_bias -= shift

@@ -1,6 +1,9 @@
-"""Distributed training on CPU with 2 processes (torchrun, gloo, FSDP2): the loss curve equals a
-single-process run with the same global batch (to 1e-5; float sums in another order), and a
-checkpoint written at world size 2 resumes at world size 1. GRPO runs sharded too."""
+"""Distributed training on CPU with 2 processes (torchrun, gloo, FSDP2), for every verb that runs
+under torchrun: the loss curve equals a single-process run with the same global batch (to 1e-5;
+float sums in another order), with gradient accumulation 2, and a checkpoint written at world
+size 2 resumes at world size 1 and continues the same curve. The DSA stages run with top-k below
+the sequence length (selection active), an MTP layer (its indexer trains too) and activation
+checkpointing. Verbs that do not shard refuse torchrun in one line."""
 
 from __future__ import annotations
 
@@ -66,3 +69,55 @@ def test_grpo_runs_sharded_and_resumes_on_one_process(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "g" / "metrics.jsonl")]
     assert steps == [1, 2, 3]
     assert (tmp_path / "g" / "checkpoint-000003" / "policy" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def mtp_model(tmp_path_factory):
+    """The tiny preset with one MTP layer, randomised so that every indexer selects something."""
+    import dataclasses
+
+    import torch
+
+    import dsv32
+    from tests.conftest import randomize_
+    cfg = dataclasses.replace(dsv32.ModelConfig.preset("tiny"), num_nextn_predict_layers=1)
+    folder = tmp_path_factory.mktemp("init") / "model"
+    with torch.no_grad():
+        randomize_(dsv32.DSV32ForCausalLM(cfg), seed=3, std=0.1).save_pretrained(folder)
+    return folder
+
+
+def sparsify_args(stage, init, corpus, out, *extra):
+    return ["sparsify", "--stage", stage, "--init", str(init), "--topk", "24", "--corpus", str(corpus),
+            "--seq-len", "96", "--task-fraction", "0", "--steps", "4", "--batch-size", "4", "--grad-accum", "2",
+            "--lr", "3e-3", "--warmup-steps", "1", "--save-every", "2", "--log-every", "1", "--no-progress",
+            "--activation-checkpointing", "--mtp-weight", "0.3", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_dsa_stages_two_processes_match_one_and_resume_at_world_size_one(stage, mtp_model, corpus, tmp_path):
+    run(sparsify_args(stage, mtp_model, corpus, tmp_path / "ws2", "--stop-at", "2"), nproc=2)
+    assert (tmp_path / "ws2" / "checkpoints" / "checkpoint-00000002" / "dcp").is_dir()
+    run(sparsify_args(stage, mtp_model, corpus, tmp_path / "ws2", "--resume"))
+    run(sparsify_args(stage, mtp_model, corpus, tmp_path / "ws1"))
+    sharded, single = losses(tmp_path / "ws2"), losses(tmp_path / "ws1")
+    assert sorted(sharded) == sorted(single) == [1, 2, 3, 4]
+    for step in single:
+        assert abs(sharded[step] - single[step]) < TOL, (stage, step, sharded[step], single[step])
+    records = [json.loads(line) for line in open(tmp_path / "ws1" / "metrics.jsonl")]
+    kl = "indexer_kl" if stage == "warmup" else "indexer_kl_selected"
+    assert all(r[kl] > 0 for r in records if r["kind"] == "train")
+    if stage == "warmup":
+        assert single[4] < single[1]                 # only the indexers train, and they learn
+        assert "indexer_kl/layer2" in records[0]     # the MTP layer's indexer is trained too
+
+
+def test_eval_refuses_torchrun_in_one_line(mtp_model, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launcher + ["-m", "dsv32", "eval", "--model", str(mtp_model)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "dsv32: error:" in line]
+    assert len(ours) == 2 and all("eval runs on one process" in line for line in ours), proc.stderr[-2000:]
+    assert "src/dsv32/" not in proc.stderr      # no traceback from our code (torchrun adds its own report)

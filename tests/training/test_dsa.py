@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv32 import AttentionOptions, DSV32ForCausalLM
+from dsv32 import AttentionOptions, DSV32ForCausalLM, Records
 from dsv32.model.indexer import allowed_keys, index_scores
 from dsv32.training.dsa import (IndexerWarmup, SparseTraining, attention_queries, indexer_sparse_loss,
                                 indexer_warmup_loss, selected_mass, selection_report)
@@ -172,10 +172,11 @@ def test_mtp_indexers_train_in_both_stages():
     step = IndexerWarmup()(model, ids)
     assert f"indexer_kl/layer{mtp_idx}" in step.metrics
     with torch.no_grad():
-        out = model(ids, attention=AttentionOptions(sparse=False), keep_indexer_inputs=True, compute_mtp=True)
-    kept = out.context.indexer_inputs[mtp_idx]
-    assert kept["x"].shape[1] == 23                    # the MTP layer sees positions 1..23
-    naive = _naive_warmup(model.mtp[0].self_attn, kept["x"], kept["cos"], kept["sin"], kept["key_valid"])
+        out = model(ids, attention=AttentionOptions(sparse=False), records=Records(keep_indexer_inputs=True),
+                    compute_mtp=True)
+    kept = out.records.indexer_inputs[mtp_idx]
+    assert kept.x.shape[1] == 23                       # the MTP layer sees positions 1..23
+    naive = _naive_warmup(model.mtp[0].self_attn, kept.x, kept.cos, kept.sin, kept.key_valid)
     torch.testing.assert_close(step.metrics[f"indexer_kl/layer{mtp_idx}"], naive.detach(), rtol=1e-5, atol=1e-6)
     step.loss.backward()
     for name, g in _grads(model).items():

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..model import AttentionOptions, DSV32ForCausalLM
+from ..model import AttentionOptions, DSV32ForCausalLM, Records
 from .cache import LatentCache, StaticLatentCache
 from .sampling import SamplingParams, sample_next
 
@@ -186,7 +186,7 @@ def generate(
     logits = None
     for c0 in range(0, P, chunk):
         out = model(ids[:, c0:c0 + chunk], attention_mask=mask[:, c0:c0 + chunk], cache=kv, attention=attention,
-                    record_routing=record_routing, logits_to_keep=1)
+                    records=Records(record_routing=record_routing), logits_to_keep=1)
         logits = out.logits[:, -1]
         for layer, r in out.routing.items():
             routing.setdefault(layer, []).append(r)
@@ -212,7 +212,7 @@ def generate(
         if _all_done(bool(finished.all()), sync_ranks) or step == max_new_tokens - 1:
             break
         out = model(tokens[:, step:step + 1], attention_mask=live[:, None], cache=kv, attention=attention,
-                    record_routing=record_routing)
+                    records=Records(record_routing=record_routing))
         logits = out.logits[:, -1]
         for layer, r in out.routing.items():
             routing.setdefault(layer, []).append(r)

@@ -1,6 +1,6 @@
 """The DeepSeek-V3.2 model: MLA + DeepSeek Sparse Attention + DeepSeekMoE (+ MTP)."""
 
-from .context import AttentionOptions, ForwardContext
+from .context import AttentionOptions, ForwardContext, IndexerInputs, Records
 from .transformer import DSV32ForCausalLM, ModelOutput
 
-__all__ = ["AttentionOptions", "DSV32ForCausalLM", "ForwardContext", "ModelOutput"]
+__all__ = ["AttentionOptions", "DSV32ForCausalLM", "ForwardContext", "IndexerInputs", "ModelOutput", "Records"]

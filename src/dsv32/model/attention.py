@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .context import ForwardContext
+from .context import ForwardContext, IndexerInputs
 from .indexer import Indexer, allowed_keys
 from .norms import RMSNorm
 from .rope import apply_rope_interleaved
@@ -98,18 +98,19 @@ class MLA(nn.Module):
         # With backend "auto", a layer in which every query may see all its keys is exactly dense.
         select = opts.sparse and (S > self.topk or opts.backend != "auto")
         form = self._form(opts, T, ctx)
-        if ctx.keep_indexer_inputs:  # dense layers too: the indexer warm-up trains under dense attention
-            ctx.indexer_inputs[self.layer_idx] = {"x": x.detach(), "c_q": c_q.detach(), "cos": ctx.cos,
-                                                  "sin": ctx.sin, "key_valid": ctx.key_valid}
+        rec = ctx.records
+        if rec.keep_indexer_inputs:  # dense layers too: the indexer warm-up trains under dense attention
+            rec.indexer_inputs[self.layer_idx] = IndexerInputs(x.detach(), c_q.detach(), ctx.cos, ctx.sin,
+                                                               ctx.key_valid)
         q_index = w_index = indices = None
-        if opts.sparse and (select or ctx.return_indices):
+        if opts.sparse and (select or rec.record_indices):
             with torch.no_grad():
                 q_index, w_index = self.indexer.queries(x.detach(), c_q.detach(), ctx.cos, ctx.sin)
-            if ctx.return_indices or (select and form == "expanded"):
+            if rec.record_indices or (select and form == "expanded"):
                 indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
                                               opts.backend)
-                if ctx.return_indices:
-                    ctx.indices[self.layer_idx] = indices
+                if rec.record_indices:
+                    rec.indices[self.layer_idx] = indices
 
         if select and form == "absorbed":
             out = self._sparse_absorbed(q_n, q_r, latent_all, ctx, indices, (q_index, w_index, k_index_all),

@@ -1,9 +1,9 @@
 """What one forward pass carries through the layers, and what it brings back.
 
-`AttentionOptions` chooses how attention is computed; `ForwardContext` holds per-call inputs
-(RoPE tables, masks, cache, routing to replay) and per-layer outputs (recorded expert ids,
-selected token slots, expert loads, balance losses). Outputs are stored by layer index, not
-appended, so re-running a layer (activation checkpointing) records once.
+`AttentionOptions` chooses how attention is computed; `Records` is the caller's one typed
+object for what the layers should record (expert ids, selected key slots, indexer inputs,
+expert loads, balance losses) or replay (routing); `ForwardContext` is the per-call geometry
+the model hands its layers (RoPE tables, masks, cache) together with those records.
 """
 
 from __future__ import annotations
@@ -38,24 +38,67 @@ class AttentionOptions:
 
 
 @dataclass
+class IndexerInputs:
+    """What a layer's indexer (and its DSA training losses) reads, kept detached by the forward
+    when `Records.keep_indexer_inputs` is set. An MTP layer's tables and mask are shifted by
+    its depth, so every kept entry carries its own geometry.
+
+    x (B, T, D) the layer's normed input; c_q (B, T, r_q) the query latent; cos / sin the
+    RoPE tables of the queries' positions; key_valid (B, T) bool (False = padding) or None."""
+
+    x: torch.Tensor
+    c_q: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_valid: torch.Tensor | None
+
+
+@dataclass
+class Records:
+    """What a caller asks the layers to record or replay, and what they recorded: one object
+    per forward call, shared by the main and the MTP layers alike, every result keyed by layer
+    index (MTP layer i is `num_hidden_layers + i`, as on disk). Results are stored by index,
+    not appended, so re-running a layer (activation checkpointing) records once.
+
+    Asks:
+      record_routing       keep each MoE layer's chosen expert ids in `routing`;
+      record_indices       keep each sparse layer's selected key slots in `indices`;
+      keep_indexer_inputs  keep each layer's `IndexerInputs` (dense layers too: the indexer
+                           warm-up trains under dense attention);
+      balance_alpha        weight of the sequence-wise balance loss (`balance_loss`), 0 = off;
+      replay_routing       {layer: (B, T, top_k) expert ids} to use instead of routing.
+    Results (always filled where they apply): `expert_load` {layer: (E,) token counts over
+    real tokens}, and what was asked for."""
+
+    record_routing: bool = False
+    record_indices: bool = False
+    keep_indexer_inputs: bool = False
+    balance_alpha: float = 0.0
+    replay_routing: dict[int, torch.Tensor] | None = None
+    routing: dict[int, torch.Tensor] = field(default_factory=dict)          # layer -> (B, T, top_k)
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)          # layer -> (B, T, K)
+    indexer_inputs: dict[int, IndexerInputs] = field(default_factory=dict)
+    expert_load: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (E,)
+    balance_loss: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> 0-dim
+
+    def __post_init__(self) -> None:
+        if not self.balance_alpha >= 0:
+            raise ValueError(f"balance_alpha must be >= 0, got {self.balance_alpha}")
+
+
+@dataclass
 class ForwardContext:
+    """The per-call geometry every layer reads (internal to the model's forward): RoPE tables
+    of the query positions, the key mask, the first query's slot, the attention options, the
+    cache, and the caller's `Records`."""
+
     cos: torch.Tensor
     sin: torch.Tensor
     key_valid: torch.Tensor | None          # (B, S) bool over all key slots, None = all real
     q_start: int                            # slot of the first query (cache length before this call)
     attention: AttentionOptions
     cache: Any = None
-    replay_routing: dict[int, torch.Tensor] | None = None   # layer -> (B, T, top_k) expert ids
-    record_routing: bool = False
-    return_indices: bool = False
-    balance_alpha: float = 0.0
-    routing: dict[int, torch.Tensor] = field(default_factory=dict)
-    indices: dict[int, torch.Tensor] = field(default_factory=dict)
-    expert_load: dict[int, torch.Tensor] = field(default_factory=dict)
-    balance_loss: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Layers whose indexer inputs should be kept (detached) for indexer training: layer -> dict.
-    keep_indexer_inputs: bool = False
-    indexer_inputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    records: Records = field(default_factory=Records)
 
     def query_valid(self, T: int) -> torch.Tensor | None:
         if self.key_valid is None:

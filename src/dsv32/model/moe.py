@@ -127,8 +127,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         replay = None
-        if ctx is not None and ctx.replay_routing is not None and layer_idx in ctx.replay_routing:
-            replay = ctx.replay_routing[layer_idx].reshape(B * T, -1)
+        replay_routing = None if ctx is None else ctx.records.replay_routing
+        if replay_routing is not None and layer_idx in replay_routing:
+            replay = replay_routing[layer_idx].reshape(B * T, -1)
         weights, ids, s = self.gate(flat, replay)
         y = self.experts(flat, ids, weights)
         if self.shared_experts is not None:
@@ -139,14 +140,14 @@ class MoE(nn.Module):
 
     def _record(self, ctx: ForwardContext, layer_idx: int, ids: torch.Tensor, s: torch.Tensor,
                 B: int, T: int) -> None:
-        valid = ctx.query_valid(T)
-        if ctx.record_routing:
-            ctx.routing[layer_idx] = ids.view(B, T, -1).detach()
+        valid, rec = ctx.query_valid(T), ctx.records
+        if rec.record_routing:
+            rec.routing[layer_idx] = ids.view(B, T, -1).detach()
         with torch.no_grad():
             counted = ids if valid is None else ids[valid.reshape(-1)]
-            ctx.expert_load[layer_idx] = torch.bincount(counted.reshape(-1), minlength=self.num_experts)
-        if ctx.balance_alpha > 0:
-            ctx.balance_loss[layer_idx] = ctx.balance_alpha * sequence_balance_loss(
+            rec.expert_load[layer_idx] = torch.bincount(counted.reshape(-1), minlength=self.num_experts)
+        if rec.balance_alpha > 0:
+            rec.balance_loss[layer_idx] = rec.balance_alpha * sequence_balance_loss(
                 s.view(B, T, -1), ids.view(B, T, -1), self.top_k, valid)
 
 

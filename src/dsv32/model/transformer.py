@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import MLA
-from .context import AttentionOptions, ForwardContext
+from .context import AttentionOptions, ForwardContext, Records
 from .moe import MLP, MoE, Experts, Router
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
@@ -35,12 +35,25 @@ from .rope import RotaryEmbedding
 class ModelOutput:
     logits: torch.Tensor                                   # (B, T, V) (or the kept tail)
     hidden: torch.Tensor | None = None                     # (B, T, D) after the final norm
-    routing: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (B, T, k)
-    indices: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (B, T, width)
-    expert_load: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (E,)
-    aux_loss: torch.Tensor | None = None                   # summed sequence-balance losses
+    records: Records = field(default_factory=Records)      # what the layers recorded
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V)
-    context: ForwardContext | None = None
+
+    @property
+    def routing(self) -> dict[int, torch.Tensor]:          # layer -> (B, T, top_k) expert ids
+        return self.records.routing
+
+    @property
+    def indices(self) -> dict[int, torch.Tensor]:          # layer -> (B, T, K) selected key slots
+        return self.records.indices
+
+    @property
+    def expert_load(self) -> dict[int, torch.Tensor]:      # layer -> (E,) token counts
+        return self.records.expert_load
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:             # summed sequence-balance losses, MTP included
+        losses = self.records.balance_loss
+        return torch.stack(list(losses.values())).sum() if losses else None
 
 
 class Block(nn.Module):
@@ -55,6 +68,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx, self.layer_idx)
+
+    def run_on_attention(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(self.self_attn, *args)`, run as a forward of this block.
+
+        The DSA losses train each indexer on inputs the model's forward kept, after that forward
+        returned. Under FSDP2 the block's parameters are sharded DTensors between forwards, so
+        `shard_model` registers this method with `register_fsdp_forward_method`: FSDP gathers
+        the parameters for the call and reduce-scatters the gradients of what it returns exactly
+        as for `forward`. Without FSDP it is a plain call."""
+        return fn(self.self_attn, *args)
 
 
 class SharedHead(nn.Module):
@@ -138,14 +161,10 @@ class DSV32ForCausalLM(nn.Module):
         *,
         cache: Any = None,
         attention: AttentionOptions | None = None,
-        routing: dict[int, torch.Tensor] | None = None,
-        record_routing: bool = False,
-        return_indices: bool = False,
-        return_hidden: bool = False,
+        records: Records | None = None,
         compute_mtp: bool = False,
-        balance_alpha: float = 0.0,
         logits_to_keep: int = 0,
-        keep_indexer_inputs: bool = False,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """
         input_ids       (B, T) token ids.
@@ -155,22 +174,22 @@ class DSV32ForCausalLM(nn.Module):
                         row gets the positions it would have alone).
         cache           a latent cache (dsv32.inference.cache); the new tokens are appended.
         attention       AttentionOptions for this call (default: `self.attention`).
-        routing         {layer: (B, T, top_k) expert ids} to replay instead of routing.
-        record_routing  return the chosen expert ids per MoE layer in `.routing`.
-        return_indices  return the selected key slots per layer in `.indices`.
+        records         what the layers (main and MTP) should record or replay (`Records`);
+                        returned as `.records`, its results also as `.routing`, `.indices`,
+                        `.expert_load` and (summed) `.aux_loss`.
         compute_mtp     also run the MTP modules (`.mtp_logits`).
-        balance_alpha   weight of the sequence-wise balance loss (`.aux_loss`), 0 = off.
         logits_to_keep  compute logits for the last n positions only (0 = all).
+        return_hidden   also return the final normed hidden states (`.hidden`).
+
+        No host synchronisation happens here: token ranges and positions are checked where
+        inputs enter (`check_inputs`, called by generate, the trainer and the CLI).
         """
-        cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids is empty (sequence length 0)")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        records = records if records is not None else Records()
         q_start = cache.length if cache is not None else 0
         new_valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if new_valid is not None and new_valid.shape != (B, T):
@@ -188,18 +207,12 @@ class DSV32ForCausalLM(nn.Module):
                 position_ids = torch.arange(q_start, q_start + T, device=input_ids.device).expand(B, T)
             else:
                 position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
-        if int(position_ids.max()) >= cfg.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
         if cache is not None:
             cache.begin(B, T, new_valid)
 
         cos, sin = self.rotary(position_ids)
         ctx = ForwardContext(cos=cos, sin=sin, key_valid=key_valid, q_start=q_start,
-                             attention=attention or self.attention, cache=cache,
-                             replay_routing=routing, record_routing=record_routing,
-                             return_indices=return_indices, balance_alpha=balance_alpha,
-                             keep_indexer_inputs=keep_indexer_inputs)
+                             attention=attention or self.attention, cache=cache, records=records)
         x = self.model.embed_tokens(input_ids)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
@@ -210,32 +223,48 @@ class DSV32ForCausalLM(nn.Module):
 
         head_in = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         out = ModelOutput(logits=self.lm_head(head_in), hidden=hidden if return_hidden else None,
-                          routing=ctx.routing, indices=ctx.indices, expert_load=ctx.expert_load,
-                          context=ctx)
-        if ctx.balance_loss:
-            out.aux_loss = torch.stack(list(ctx.balance_loss.values())).sum()
+                          records=records)
         if compute_mtp and len(self.mtp):
             out.mtp_logits = self._mtp(hidden, input_ids, position_ids, key_valid if cache is None else None,
-                                       ctx)
+                                       ctx, recompute)
         return out
 
-    def _mtp(self, hidden, input_ids, position_ids, key_valid, main_ctx) -> list[torch.Tensor]:
+    def _mtp(self, hidden, input_ids, position_ids, key_valid, main_ctx, recompute) -> list[torch.Tensor]:
+        """The MTP modules, each on the sequence shifted by its depth, with its own RoPE tables and
+        key mask, recording into the caller's `Records` like the main layers."""
         logits = []
         h = hidden
         for depth, layer in enumerate(self.mtp, start=1):
             if h.shape[1] <= 1:
                 break
-            pos = position_ids[:, depth:]
-            cos, sin = self.rotary(pos)
+            cos, sin = self.rotary(position_ids[:, depth:])
             valid = None if key_valid is None else key_valid[:, depth:]
             ctx = ForwardContext(cos=cos, sin=sin, key_valid=valid, q_start=0, attention=main_ctx.attention,
-                                 balance_alpha=main_ctx.balance_alpha, return_indices=main_ctx.return_indices,
-                                 keep_indexer_inputs=main_ctx.keep_indexer_inputs)
-            h = layer(h[:, :-1], self.model.embed_tokens(input_ids[:, depth:]), ctx)
+                                 records=main_ctx.records)
+            emb = self.model.embed_tokens(input_ids[:, depth:])
+            h = (checkpoint(layer, h[:, :-1], emb, ctx, use_reentrant=False) if recompute
+                 else layer(h[:, :-1], emb, ctx))
             logits.append(self.lm_head(h))
-            main_ctx.indexer_inputs.update(ctx.indexer_inputs)     # with their depth-shifted geometry
-            main_ctx.indices.update(ctx.indices)
         return logits
+
+    def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
+        """Raise ValueError naming the problem when token ids fall outside the vocabulary or
+        positions reach `max_position_embeddings`. Synchronises with the device, so callers run
+        it once where inputs enter (generate, the trainer, the CLI), never per layer or step."""
+        cfg = self.config
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got range [{lo}, {hi}]")
+        last = input_ids.shape[-1] - 1 if position_ids is None else int(position_ids.max())
+        if last >= cfg.max_position_embeddings:
+            raise ValueError(f"position {last} is beyond max_position_embeddings={cfg.max_position_embeddings}")
+
+    def layer(self, idx: int) -> Block:
+        """The decoder block with layer index `idx`: main layers first, then MTP layers
+        (`num_hidden_layers + i`), the numbering `Records` uses."""
+        n = len(self.model.layers)
+        return self.model.layers[idx] if idx < n else self.mtp[idx - n]
 
     # ------------------------------------------------------------------ conveniences
     def num_parameters(self, exclude_mtp: bool = True) -> int:

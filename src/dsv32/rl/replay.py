@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DSV32ForCausalLM
+from ..model import DSV32ForCausalLM, Records
 from .logprobs import token_logprobs
 from .rollout import Rollout
 
@@ -76,8 +76,8 @@ def policy_logprobs(
     routing = None
     if keep_routing:
         routing = {layer: r[:, :end] for layer, r in batch.routing.items()}
-    out = model(batch.sequences[:, :end], attention_mask=batch.attention_mask[:, :end], routing=routing,
-                logits_to_keep=N)
+    out = model(batch.sequences[:, :end], attention_mask=batch.attention_mask[:, :end],
+                records=Records(replay_routing=routing), logits_to_keep=N)
     logits = out.logits.float() / temperature                                # (B, N, V)
     kept = batch.kept if keep_sampling_mask else None
     chunk = max(1, _LOGPROB_CHUNK_BYTES // (4 * logits.shape[-1]))

@@ -17,7 +17,7 @@ evaluation LM loss. Bad input (an empty corpus, `--seq-len` beyond the model's
 max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
 which cli.py prints in one line with exit code 2, before any checkpoint is touched.
 
-Left out: multi-process launch (torchrun) — these verbs train on one device.
+Under torchrun both verbs shard the model with FSDP2 (training/distributed.py); `eval` runs on one process.
 """
 
 from __future__ import annotations

@@ -70,10 +70,13 @@ def init_distributed(device: str = "cpu") -> DistInfo:
 
 def shard_model(model: DSV32ForCausalLM) -> DSV32ForCausalLM:
     """FSDP2: one sharding unit per decoder block and MTP layer, plus the root (embeddings,
-    final norm, LM head)."""
-    from torch.distributed.fsdp import fully_shard
+    final norm, LM head). `Block.run_on_attention` is registered as a second forward method of
+    every block, so the DSA losses, which call a layer's indexer after the model's forward,
+    see gathered parameters and have their gradients reduce-scattered (see that method)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for block in list(model.model.layers) + list(model.mtp):
         fully_shard(block)
+        register_fsdp_forward_method(block, "run_on_attention")
     fully_shard(model)
     return model
 

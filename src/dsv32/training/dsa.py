@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from ..model import AttentionOptions, DSV32ForCausalLM
+from ..model import AttentionOptions, DSV32ForCausalLM, IndexerInputs, Records
 from ..model.attention import MLA
 from ..model.indexer import allowed_keys, index_scores
 from .objectives import StepResult, language_model_terms
@@ -271,35 +271,47 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
     top-k selection (`Indexer.select`, as the sparse layer uses it) on that layer's actual
     input, and the share of the layer's dense attention mass it captures. With dense attention
     this is what switching selection on would keep; with sparse attention, what it keeps."""
-    out = model(input_ids, attention_mask, attention=attention, keep_indexer_inputs=True, logits_to_keep=1)
-    ctx = out.context
-    report = SelectionReport(query_valid=ctx.key_valid)
-    for i, layer in enumerate(model.model.layers):
-        mla = layer.self_attn
-        q, kv, iq, iw, ik = _indexer_parts(mla, ctx.indexer_inputs[i])
-        idx = mla.indexer.select(iq, iw, ik, 0, ctx.key_valid)
-        report.indices[i] = idx
-        report.mass[i], report.ceiling[i] = selected_mass(q, kv, mla.scale, idx, ctx.key_valid)
+    out = model(input_ids, attention_mask, attention=attention, records=Records(keep_indexer_inputs=True),
+                logits_to_keep=1)
+    kept_all = out.records.indexer_inputs
+    report = SelectionReport(query_valid=next(iter(kept_all.values())).key_valid)
+    for block in model.model.layers:
+        i = block.layer_idx
+        report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(_layer_selection, kept_all[i])
     return report
 
 
+def _layer_selection(mla: MLA, kept: IndexerInputs):
+    q, kv, iq, iw, ik = _indexer_parts(mla, kept)
+    idx = mla.indexer.select(iq, iw, ik, 0, kept.key_valid)
+    return (idx, *selected_mass(q, kv, mla.scale, idx, kept.key_valid))
+
+
 # ------------------------------------------------------------------------------- objectives
-def _indexed_layers(model: DSV32ForCausalLM, ctx):
-    """(layer index, its MLA, kept inputs) of every layer, main then MTP, whose indexer inputs
-    the forward kept; the kept inputs carry the layer's RoPE tables and key mask (an MTP layer's
-    are shifted by its depth)."""
-    for layer in [*model.model.layers, *model.mtp]:
-        mla = layer.self_attn
-        if mla.layer_idx in ctx.indexer_inputs:
-            yield mla.layer_idx, mla, ctx.indexer_inputs[mla.layer_idx]
+def _indexed_blocks(model: DSV32ForCausalLM, records: Records):
+    """(layer index, block, kept inputs) of every layer, main then MTP, whose indexer inputs the
+    forward kept; the kept inputs carry the layer's RoPE tables and key mask (an MTP layer's are
+    shifted by its depth)."""
+    for block in [*model.model.layers, *model.mtp]:
+        if block.layer_idx in records.indexer_inputs:
+            yield block.layer_idx, block, records.indexer_inputs[block.layer_idx]
 
 
-def _indexer_parts(mla: MLA, kept: dict[str, torch.Tensor]):
-    cos, sin = kept["cos"], kept["sin"]
-    iq, iw = mla.indexer.queries(kept["x"], kept["c_q"], cos, sin)
-    ik = mla.indexer.keys(kept["x"], cos, sin)
-    q, kv = attention_queries(mla, kept["x"], cos, sin)
+def _indexer_parts(mla: MLA, kept: IndexerInputs):
+    iq, iw = mla.indexer.queries(kept.x, kept.c_q, kept.cos, kept.sin)
+    ik = mla.indexer.keys(kept.x, kept.cos, kept.sin)
+    q, kv = attention_queries(mla, kept.x, kept.cos, kept.sin)
     return q, kv, iq, iw, ik
+
+
+def _warmup_term(mla: MLA, kept: IndexerInputs) -> torch.Tensor:
+    q, kv, iq, iw, ik = _indexer_parts(mla, kept)
+    return indexer_warmup_loss(q, kv, mla.scale, iq, iw, ik, kept.key_valid)[0]
+
+
+def _sparse_term(mla: MLA, kept: IndexerInputs, indices: torch.Tensor) -> torch.Tensor:
+    q, kv, iq, iw, ik = _indexer_parts(mla, kept)
+    return indexer_sparse_loss(q, kv, mla.scale, iq, iw, ik, indices, kept.key_valid)[0]
 
 
 class IndexerWarmup:
@@ -319,15 +331,15 @@ class IndexerWarmup:
 
     def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
         with torch.no_grad():
-            out = model(input_ids, attention=AttentionOptions(sparse=False), keep_indexer_inputs=True,
-                        logits_to_keep=1, compute_mtp=len(model.mtp) > 0)
+            out = model(input_ids, attention=AttentionOptions(sparse=False),
+                        records=Records(keep_indexer_inputs=True), logits_to_keep=1,
+                        compute_mtp=len(model.mtp) > 0)
         total = torch.zeros((), device=input_ids.device)
         metrics: Metrics = {}
-        for i, mla, kept in _indexed_layers(model, out.context):
-            q, kv, iq, iw, ik = _indexer_parts(mla, kept)
-            loss, m = indexer_warmup_loss(q, kv, mla.scale, iq, iw, ik, kept["key_valid"])
+        for i, block, kept in _indexed_blocks(model, out.records):
+            loss = block.run_on_attention(_warmup_term, kept)
             total = total + loss
-            metrics[f"indexer_kl/layer{i}"] = m["indexer_kl"]
+            metrics[f"indexer_kl/layer{i}"] = loss.detach()
         metrics["indexer_kl"] = total.detach()
         return StepResult(loss=total, metrics=metrics, expert_load=out.expert_load,
                           tokens=input_ids.numel())
@@ -359,16 +371,14 @@ class SparseTraining:
         return True
 
     def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
-        out = model(input_ids, attention=self.attention, keep_indexer_inputs=True, return_indices=True,
-                    balance_alpha=self.balance_alpha, compute_mtp=self.mtp_weight > 0 or len(model.mtp) > 0)
+        records = Records(keep_indexer_inputs=True, record_indices=True, balance_alpha=self.balance_alpha)
+        out = model(input_ids, attention=self.attention, records=records,
+                    compute_mtp=self.mtp_weight > 0 or len(model.mtp) > 0)
         loss, metrics = language_model_terms(out, input_ids, self.mtp_weight)
         kl_total = torch.zeros((), device=input_ids.device)
-        for i, mla, kept in _indexed_layers(model, out.context):
-            if i not in out.indices:
-                continue
-            q, kv, iq, iw, ik = _indexer_parts(mla, kept)
-            kl, _ = indexer_sparse_loss(q, kv, mla.scale, iq, iw, ik, out.indices[i], kept["key_valid"])
-            kl_total = kl_total + kl
+        for i, block, kept in _indexed_blocks(model, records):
+            if i in records.indices:
+                kl_total = kl_total + block.run_on_attention(_sparse_term, kept, records.indices[i])
         metrics["indexer_kl_selected"] = kl_total.detach()
         return StepResult(loss=loss + self.indexer_weight * kl_total, metrics=metrics,
                           expert_load=out.expert_load, tokens=input_ids.numel())

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from ..model import AttentionOptions, DSV32ForCausalLM, ModelOutput
+from ..model import AttentionOptions, DSV32ForCausalLM, ModelOutput, Records
 from .losses import lm_loss, mtp_loss
 
 
@@ -65,7 +65,7 @@ class LanguageModeling:
         return ".indexer." not in name
 
     def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
-        out = model(input_ids, attention=self.attention, balance_alpha=self.balance_alpha,
+        out = model(input_ids, attention=self.attention, records=Records(balance_alpha=self.balance_alpha),
                     compute_mtp=self.mtp_weight > 0)
         loss, metrics = language_model_terms(out, input_ids, self.mtp_weight)
         return StepResult(loss=loss, metrics=metrics, expert_load=out.expert_load, tokens=input_ids.numel())

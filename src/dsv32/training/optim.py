@@ -72,10 +72,9 @@ def update_router_bias(model: nn.Module, expert_load: dict[int, torch.Tensor], g
     max load / mean load} measured before the update (1.0 = balanced)."""
     if gamma < 0:
         raise ValueError(f"gamma (bias update speed) must be >= 0, got {gamma}")
-    layers = model.model.layers
     ratios = []
     for idx, load in expert_load.items():
-        gate = layers[idx].mlp.gate
+        gate = model.layer(idx).mlp.gate          # main and MTP layers alike
         load = load.to(torch.float32)
         mean = load.mean()
         if mean > 0:

@@ -221,6 +221,7 @@ class Trainer:
         loads: dict[int, torch.Tensor] = {}
         for _ in range(cfg.grad_accum):
             batch = local_batch(self.data.next_batch(cfg.batch_size), self.dist).to(self.device)
+            self.model.check_inputs(batch)      # ids and length, once per batch (the forward never syncs)
             with self._autocast():
                 result = self.objective(self.model, batch)
             (result.loss / cfg.grad_accum).backward()
