@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with g
 TOL = 1e-5
 
 
-def run(args, nproc=1, cwd=None):
+def run(args, nproc=1, cwd=None, env=None):
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
                 if nproc > 1 else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(launcher + ["-m", "dsv32", *args], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,14 +60,30 @@ def test_two_processes_match_one_and_resume_at_world_size_one(corpus, tmp_path):
     assert single[4] < single[1]
 
 
-def test_grpo_runs_sharded_and_resumes_on_one_process(tmp_path):
+REWARD = """
+def varied(prompt, completion, example):
+    # Varies with what was sampled, so a random tiny policy gets non-zero advantages.
+    return (sum(map(ord, completion)) % 7) / 7 + len(completion) / 3
+"""
+
+
+def test_grpo_two_processes_match_one_and_resume_on_one_process(tmp_path):
+    (tmp_path / "grpo_reward.py").write_text(REWARD)
     args = ["grpo", "--model", "tiny", "--task", "arithmetic", "--task-options", '{"digits": 1, "ops": "+"}',
-            "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens", "3", "--minibatches", "2",
-            "--checkpoint-every", "1", "--beta", "0.01", "--top-p", "0.9", "--out", str(tmp_path / "g")]
-    run(args + ["--steps", "2"], nproc=2)
-    run(args + ["--steps", "3"])
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "g" / "metrics.jsonl")]
-    assert steps == [1, 2, 3]
+            "--reward", "grpo_reward:varied", "--prompts-per-step", "4", "--group-size", "2",
+            "--max-new-tokens", "3", "--minibatches", "2", "--checkpoint-every", "1", "--beta", "0.01",
+            "--top-p", "0.9", "--lr", "3e-3"]
+    env_path = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run(args + ["--steps", "2", "--out", str(tmp_path / "g")], nproc=2, cwd=tmp_path, env=env_path)
+    run(args + ["--steps", "3", "--out", str(tmp_path / "g")], cwd=tmp_path, env=env_path)
+    run(args + ["--steps", "3", "--out", str(tmp_path / "one")], cwd=tmp_path, env=env_path)
+    sharded = [json.loads(line) for line in open(tmp_path / "g" / "metrics.jsonl")]
+    single = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    assert [r["step"] for r in sharded] == [r["step"] for r in single] == [1, 2, 3]
+    assert any(abs(r["loss"]) > 1e-4 for r in single)              # advantages are not all zero
+    for a, b in zip(sharded, single):
+        for key in ("reward_mean", "loss", "kl", "ratio_mean", "grad_norm"):
+            assert abs(a[key] - b[key]) < TOL, (a["step"], key, a[key], b[key])
     assert (tmp_path / "g" / "checkpoint-000003" / "policy" / "model.safetensors").is_file()
 
 

@@ -62,8 +62,8 @@ from .datasets import PromptSampler
 from .losses import AGGREGATIONS, KL_ESTIMATORS, grpo_loss
 from .replay import policy_logprobs
 from .rewards import RewardFn, RewardScorer, is_correct, task_reward
-from .rollout import Rollout, collect_rollout, greedy_accuracy
-from ..training.distributed import DistInfo, shard_model
+from .rollout import Rollout, collect_rollout, concat_rollouts, greedy_accuracy
+from ..training.distributed import DistInfo, all_reduce_sum, shard_model
 from .state import MetricsLog, load_state, progress, save_state
 
 
@@ -177,22 +177,50 @@ def _summarise(records: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _gather(rollout: Rollout, ref_logp: torch.Tensor | None,
+            info: DistInfo) -> tuple[Rollout, torch.Tensor | None]:
+    """Every rank's scored rows, in rank order: the global rollout the minibatches are cut from."""
+    parts: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(parts, (rollout, ref_logp))
+    merged = concat_rollouts([r for r, _ in parts])
+    if ref_logp is None:
+        return merged, None
+    N = merged.completion_mask.shape[1]
+    return merged, torch.cat([torch.nn.functional.pad(ref, (0, N - ref.shape[1])) for _, ref in parts])
+
+
 def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, rollout: Rollout,
-                ref_logp: torch.Tensor | None, cfg: GRPOConfig, step: int) -> dict[str, float]:
+                ref_logp: torch.Tensor | None, cfg: GRPOConfig, step: int,
+                dist: DistInfo | None = None) -> dict[str, float]:
     """`ppo_epochs` x `minibatches` clipped-surrogate updates on one scored rollout.
 
     rollout: with `advantages` set (B,); ref_logp: (B, N) log pi_ref, or None without a KL.
     Returns the update metrics of this step (see the module docstring).
+
+    The minibatches are cut from one seeded permutation of the global batch, whatever the world
+    size: under torchrun every rank holds the whole (gathered) rollout and trains on its equal,
+    contiguous share of each minibatch, so the gradient FSDP averages over ranks is the
+    minibatch's (with token_mean aggregation each share is weighted by its token count).
     """
     assert rollout.advantages is not None, "score the rollout before updating on it"
+    info = dist or DistInfo()
     gen = torch.Generator().manual_seed(_rng(cfg.seed, step, "minibatches"))
     rows = -(-rollout.size // cfg.minibatches)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    if info.enabled and (rollout.size % cfg.minibatches or rows % info.world_size):
+        raise ValueError(f"prompts_per_step x group_size = {rollout.size} rows must split into {cfg.minibatches} "
+                         f"minibatches whose size is divisible by the world size {info.world_size}")
+    share = rows // info.world_size
+    # The optimizer's own parameter objects: under FSDP2, `policy.parameters()` taken between a
+    # forward and its backward can name the root's transient unsharded tensors instead, which then
+    # never receive a gradient (the norm and the clipping would leave those parameters out).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     records: list[dict[str, float]] = []
     skipped = 0
     policy.train()
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(rollout.size, generator=gen).split(rows):
+            if info.enabled:
+                idx = idx[info.rank * share:(info.rank + 1) * share]
             mb = rollout.select(idx)
             logp, logits, kept = policy_logprobs(policy, mb, temperature=cfg.temperature,
                                                  keep_routing=cfg.keep_routing,
@@ -202,6 +230,9 @@ def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, roll
                                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
                                 kl_estimator=cfg.kl_estimator, delta=cfg.delta, aggregation=cfg.aggregation,
                                 logits=logits.detach(), kept=kept)
+            if info.enabled and cfg.aggregation == "token_mean":
+                tokens = mb.completion_mask.sum().float()
+                loss = loss * (tokens * info.world_size / all_reduce_sum(tokens, info).clamp(min=1))
             record = {k: float(v) for k, v in m.items()}
             if not records:
                 valid = mb.completion_mask
@@ -326,7 +357,9 @@ def train_grpo(
             "response_length": float(rollout.lengths.float().mean()),
             "truncated_frac": rollout.finish_reason.count("length") / B,
         }
-        record.update(grpo_update(policy, optimizer, rollout, ref_logp, cfg, step))
+        if info.enabled:
+            rollout, ref_logp = _gather(rollout, ref_logp, info)
+        record.update(grpo_update(policy, optimizer, rollout, ref_logp, cfg, step, info))
         record["rollout_seconds"] = t1 - t0
         record["update_seconds"] = time.perf_counter() - t1
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):

@@ -90,6 +90,50 @@ class Rollout:
         )
 
 
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """The rows of `parts` in order, as one rollout: prompts left-padded to the widest prompt,
+    completions right-padded to the longest (masked out; routing -1 = route freely, kept -1 =
+    empty), group ids renumbered so each part's groups stay distinct."""
+    P = max(r.prompt_len for r in parts)
+    N = max(r.completion_mask.shape[1] for r in parts)
+
+    def pad(t: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        widths = [0, 0] * (t.dim() - 2) + [left, right]
+        return torch.nn.functional.pad(t, widths, value=value)
+
+    def cat_kept() -> torch.Tensor | None:
+        if any(r.kept is None for r in parts):
+            return None
+        K = max(r.kept.shape[2] for r in parts)
+        return torch.cat([torch.nn.functional.pad(r.kept, (0, K - r.kept.shape[2], 0, N - r.kept.shape[1]),
+                                                  value=-1) for r in parts])
+
+    routing = None
+    if all(r.routing is not None for r in parts):
+        routing = {layer: torch.cat([pad(r.routing[layer].transpose(1, 2), P - r.prompt_len,
+                                         N - r.completion_mask.shape[1], -1).transpose(1, 2) for r in parts])
+                   for layer in parts[0].routing}
+    offsets, groups = 0, []
+    for r in parts:
+        groups.append(r.group_ids + offsets)
+        offsets += int(r.group_ids.max()) + 1 if r.size else 0
+    return Rollout(
+        sequences=torch.cat([pad(r.sequences, P - r.prompt_len, N - r.completion_mask.shape[1], 0) for r in parts]),
+        attention_mask=torch.cat([pad(r.attention_mask, P - r.prompt_len, N - r.completion_mask.shape[1], False)
+                                  for r in parts]),
+        prompt_len=P,
+        completion_mask=torch.cat([pad(r.completion_mask, 0, N - r.completion_mask.shape[1], False) for r in parts]),
+        logp_old=torch.cat([pad(r.logp_old, 0, N - r.logp_old.shape[1], 0.0) for r in parts]),
+        kept=cat_kept(),
+        routing=routing,
+        group_ids=torch.cat(groups),
+        examples=[ex for r in parts for ex in r.examples],
+        completions=[c for r in parts for c in r.completions],
+        finish_reason=[f for r in parts for f in r.finish_reason],
+        advantages=None if any(r.advantages is None for r in parts) else torch.cat([r.advantages for r in parts]),
+    )
+
+
 @torch.no_grad()
 def collect_rollout(
     model: DSV32ForCausalLM,
