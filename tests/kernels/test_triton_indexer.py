@@ -1,4 +1,4 @@
-"""Triton indexer selection (fused scores + two-stage top-k) against `select_topk`.
+"""Triton indexer selection (fused scores + two-stage top-k) against `select_topk_torch`.
 
 Runs under the Triton interpreter on CPU when there is no GPU, compiled on CUDA otherwise (see
 test_triton_sparse.py for why one process tests one mode). Selections are compared "ties
@@ -21,7 +21,8 @@ import dsv32  # noqa: E402
 from dsv32 import kernels  # noqa: E402
 from dsv32.kernels.triton_indexer import select_topk_triton  # noqa: E402
 from dsv32.model.context import AttentionOptions  # noqa: E402
-from dsv32.model.indexer import allowed_keys, index_scores, select_topk  # noqa: E402
+from dsv32.kernels import allowed_keys, index_scores  # noqa: E402
+from dsv32.kernels import select_topk_torch as select_topk  # noqa: E402
 from tests.conftest import randomize_, tiny_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,8 +111,8 @@ def test_window_and_sink_fall_back_to_torch():
 
 
 def test_selector_dispatch():
-    expected = select_topk_triton if DEVICE == "cuda" else None
-    assert kernels.index_selector(torch.device(DEVICE)) is expected
+    expected = "triton" if DEVICE == "cuda" else "torch"
+    assert kernels.resolve_selector("auto", torch.device(DEVICE)) == expected
     assert kernels._SELECTORS["triton"] is select_topk_triton
 
 
