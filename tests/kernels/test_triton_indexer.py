@@ -110,6 +110,28 @@ def test_window_and_sink_fall_back_to_torch():
     torch.testing.assert_close(select_topk_triton(q, w, k, 3, **kw), select_topk(q, w, k, 3, **kw))
 
 
+@pytest.mark.parametrize("topk", [3, 20])          # 3: blocks pruned to their top 4; 20: no pruning
+def test_exact_ties_same_order_as_torch_and_chunk_independent(topk):
+    """All head weights negative: many keys score exactly 0.0 (the maximum). The Triton selector
+    must pick the lower slots among them, exactly as the torch path does, in one pass or in
+    chunks of queries (prefill over a cache), and down to decode (one query)."""
+    T, S = 6, 40
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(1, T, 2, 16, generator=gen), torch.randn(1, S, 16, generator=gen)
+    w = -torch.rand(1, T, 2, generator=gen) - 0.1
+    q, w, k = q.to(DEVICE), w.to(DEVICE), k.to(DEVICE)
+    q_start = S - T
+    ties = (index_scores(q, w, k) == 0).sum(-1)
+    assert (ties > 3).all()                            # more tied keys at the top than topk=3
+    ref = select_topk(q, w, k, topk, q_start=q_start)
+    got = select_topk_triton(q, w, k, topk, q_start=q_start, block_s=16)
+    assert torch.equal(got, ref)
+    for t0, t1 in ((0, 2), (2, 5), (5, 6)):
+        part = select_topk_triton(q[:, t0:t1], w[:, t0:t1], k[:, :q_start + t1], topk, q_start=q_start + t0,
+                                  block_s=16)
+        assert torch.equal(part, ref[:, t0:t1, : part.shape[-1]])
+
+
 def test_selector_dispatch():
     expected = "triton" if DEVICE == "cuda" else "torch"
     assert kernels.resolve_selector("auto", torch.device(DEVICE)) == expected
