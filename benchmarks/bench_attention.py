@@ -82,7 +82,8 @@ def run_one(T: int, H: int, what: str, hidden: int) -> dict:
     cos, sin = RotaryEmbedding(cfg)(torch.arange(T)[None])
     warm = min(T, 512)                       # warm up the code path on a short prefix
     layer(x[:, :warm], ForwardContext(cos=cos[:, :warm], sin=sin[:, :warm], key_valid=None, q_start=0,
-                                      attention=AttentionOptions(sparse=True, form="absorbed", backend="torch")))
+                                      attention=AttentionOptions(sparse=True, form="absorbed", backend="torch",
+                                                                 dense_shortcut=False)))
     kernel = _Stopwatch(kernels, "sparse_mla")
     select = _Stopwatch(layer.indexer, "select")
     base = rss_bytes()
@@ -96,7 +97,8 @@ def run_one(T: int, H: int, what: str, hidden: int) -> dict:
         result.update(core=t_core)
     else:
         (q_i, w_i, k_i), t_qk = timed(lambda: (*layer.indexer.queries(x, c_q, cos, sin), layer.indexer.keys(x, cos, sin)))
-        out, t_core = timed(lambda: layer._sparse_absorbed(q_n, q_r, latent, ctx, None, (q_i, w_i, k_i), "torch"))
+        out, t_core = timed(lambda: layer._sparse_absorbed(q_n, q_r, latent, layer.indexer.select(q_i, w_i, k_i),
+                                                           "torch"))
         result.update(index=t_qk + select.total, attention=t_core - select.total, kernel=kernel.total)
     _, t_o = timed(lambda: layer.o_proj(out.reshape(1, T, -1)))
     result.update(proj=t_proj + t_o, peak=peak_bytes() - base)

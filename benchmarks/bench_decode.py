@@ -69,7 +69,8 @@ def decode_times(cfg, layer, L: int, steps: int, sparse: bool, batch: int = 1) -
         t1 = time.perf_counter()
         if sparse:
             q_i, w_i = layer.indexer.queries(x, c_q, cos, sin)
-            out = layer._sparse_absorbed(q_n, q_r, latent_all, ctx, None, (q_i, w_i, k_all), "auto")
+            idx = layer.indexer.select(q_i, w_i, k_all, ctx.q_start)
+            out = layer._sparse_absorbed(q_n, q_r, latent_all, idx, "auto")
         else:
             out = layer._dense_absorbed(q_n, q_r, latent_all, ctx)
         t2 = time.perf_counter()

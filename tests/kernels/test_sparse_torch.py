@@ -82,3 +82,28 @@ def test_inference_reads_a_strided_cache_view():
         ref, ref_lse = kernels.sparse_mla_reference(q, view.contiguous(), idx, 0.2, 20)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1, 10**9])         # 1: one query per chunk; 10**9: one chunk
+def test_absorbed_chunks_equal_one_call_and_reference(budget):
+    """absorb -> attend -> un-absorb: the chunked inference strategy (reused buffers), the
+    whole-sequence autograd strategy and the reference backend give the same output."""
+    from dsv32.kernels import absorbed
+    g = torch.Generator().manual_seed(0)
+    B, T, S, H, d_n, d_r, r, d_v, K = 2, 7, 11, 3, 5, 4, 6, 5, 4
+    q_n, q_r = torch.randn(B, T, H, d_n, generator=g), torch.randn(B, T, H, d_r, generator=g)
+    kv = torch.randn(B, S, r + d_r, generator=g)
+    w_uk, w_uv = torch.randn(H, d_n, r, generator=g), torch.randn(H, d_v, r, generator=g)
+    _, _, idx = make(B, T, S, H, r + d_r, K, seed=1)
+    old = absorbed._CHUNK_BUDGET_BYTES
+    absorbed._CHUNK_BUDGET_BYTES = budget
+    try:
+        with torch.no_grad():
+            chunks = kernels.sparse_mla_absorbed(q_n, q_r, kv, idx, w_uk, w_uv, 0.3, backend="torch")
+        whole = kernels.sparse_mla_absorbed(q_n.requires_grad_(), q_r, kv, idx, w_uk, w_uv, 0.3, backend="torch")
+        ref = kernels.sparse_mla_absorbed(q_n, q_r, kv, idx, w_uk, w_uv, 0.3, backend="reference")
+    finally:
+        absorbed._CHUNK_BUDGET_BYTES = old
+    assert whole.requires_grad and chunks.shape == (B, T, H, d_v)
+    torch.testing.assert_close(chunks, whole.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunks, ref.detach(), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Triton indexer selection (fused scores + two-stage top-k) against `select_topk`.
+"""Triton indexer selection (fused scores + two-stage top-k) against `select_topk_torch`.
 
 Runs under the Triton interpreter on CPU when there is no GPU, compiled on CUDA otherwise (see
 test_triton_sparse.py for why one process tests one mode). Selections are compared "ties
@@ -21,7 +21,8 @@ import dsv32  # noqa: E402
 from dsv32 import kernels  # noqa: E402
 from dsv32.kernels.triton_indexer import select_topk_triton  # noqa: E402
 from dsv32.model.context import AttentionOptions  # noqa: E402
-from dsv32.model.indexer import allowed_keys, index_scores, select_topk  # noqa: E402
+from dsv32.kernels import allowed_keys, index_scores  # noqa: E402
+from dsv32.kernels import select_topk_torch as select_topk  # noqa: E402
 from tests.conftest import randomize_, tiny_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,9 +110,31 @@ def test_window_and_sink_fall_back_to_torch():
     torch.testing.assert_close(select_topk_triton(q, w, k, 3, **kw), select_topk(q, w, k, 3, **kw))
 
 
+@pytest.mark.parametrize("topk", [3, 20])          # 3: blocks pruned to their top 4; 20: no pruning
+def test_exact_ties_same_order_as_torch_and_chunk_independent(topk):
+    """All head weights negative: many keys score exactly 0.0 (the maximum). The Triton selector
+    must pick the lower slots among them, exactly as the torch path does, in one pass or in
+    chunks of queries (prefill over a cache), and down to decode (one query)."""
+    T, S = 6, 40
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(1, T, 2, 16, generator=gen), torch.randn(1, S, 16, generator=gen)
+    w = -torch.rand(1, T, 2, generator=gen) - 0.1
+    q, w, k = q.to(DEVICE), w.to(DEVICE), k.to(DEVICE)
+    q_start = S - T
+    ties = (index_scores(q, w, k) == 0).sum(-1)
+    assert (ties > 3).all()                            # more tied keys at the top than topk=3
+    ref = select_topk(q, w, k, topk, q_start=q_start)
+    got = select_topk_triton(q, w, k, topk, q_start=q_start, block_s=16)
+    assert torch.equal(got, ref)
+    for t0, t1 in ((0, 2), (2, 5), (5, 6)):
+        part = select_topk_triton(q[:, t0:t1], w[:, t0:t1], k[:, :q_start + t1], topk, q_start=q_start + t0,
+                                  block_s=16)
+        assert torch.equal(part, ref[:, t0:t1, : part.shape[-1]])
+
+
 def test_selector_dispatch():
-    expected = select_topk_triton if DEVICE == "cuda" else None
-    assert kernels.index_selector(torch.device(DEVICE)) is expected
+    expected = "triton" if DEVICE == "cuda" else "torch"
+    assert kernels.resolve_selector("auto", torch.device(DEVICE)) == expected
     assert kernels._SELECTORS["triton"] is select_topk_triton
 
 

@@ -1,28 +1,37 @@
-"""Attention kernels behind one dispatch.
+"""The kernels of DeepSeek Sparse Attention behind one dispatch shape: top-k selection by the
+lightning indexer, and absorbed-MLA attention over the selected latent rows. Shapes are in
+`reference.py`; the selection order (score descending, then key slot ascending -- among equal
+scores the earlier key wins) in `torch_indexer.py`.
 
-`sparse_mla(q, kv, indices, scale, dv, backend=...)` computes absorbed-MLA attention of each
-query over its selected latent rows only (shapes in `reference.py`). Backends:
+    select_topk(q, w, k, topk, q_start, key_valid, window, sink, backend=...)  -> indices
+    sparse_mla(q, kv, indices, scale, dv, backend=...)                          -> (out, lse)
+    sparse_mla_absorbed(q_n, q_r, kv, indices, w_uk, w_uv, scale, backend=...)  -> out
 
-* ``"reference"`` — dense masked computation (builds the T×S scores; tests only);
-* ``"torch"``     — blocked gather in plain torch (CPU and GPU), forward and backward;
+Each has the same backends:
+
+* ``"reference"`` — plain torch over the dense T×S scores (always available; tests only);
+* ``"torch"``     — blocked plain torch (CPU and GPU): no T×S tensor, buffers reused;
 * ``"triton"``    — fused GPU kernels, registered only when CUDA and triton are present.
 
 ``"auto"`` picks triton on CUDA when it is available, else torch. A backend is a function with
-the signature of `sparse_mla_torch`; `register_backend` adds one (the Triton module registers
-itself lazily, so nothing GPU-only is imported on CPU).
-
-The indexer's top-k selection has one fast path, the same way: `index_selector(device)` returns
-the fused Triton selector (signature of `dsv32.model.indexer.select_topk`) on CUDA when triton
-is available, else None, and the caller keeps its torch path.
+the signature of its torch one; `register_backend` / `register_selector` add one (the Triton
+modules register themselves when first needed, so nothing GPU-only is imported on CPU).
+`sparse_mla_absorbed` wraps a `sparse_mla` backend in absorb -> attend -> un-absorb
+(`absorbed.py`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Callable
 
 import torch
 
-from .reference import indices_to_mask, masked_attention, sparse_mla_reference
+from .absorbed import absorb_attend
+from .reference import (allowed_keys, index_scores, indices_to_mask, masked_attention,
+                        select_topk_reference, sparse_mla_reference)
+from .torch_indexer import index_scores_tiled, select_topk_torch
 from .torch_sparse import sparse_mla_torch
 
 SparseBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor]]
@@ -32,9 +41,10 @@ _BACKENDS: dict[str, SparseBackend] = {
     "reference": sparse_mla_reference,
     "torch": sparse_mla_torch,
 }
-
-
-_SELECTORS: dict[str, IndexSelector] = {}
+_SELECTORS: dict[str, IndexSelector] = {
+    "reference": select_topk_reference,
+    "torch": select_topk_torch,
+}
 
 
 def register_backend(name: str, fn: SparseBackend) -> None:
@@ -45,36 +55,44 @@ def register_selector(name: str, fn: IndexSelector) -> None:
     _SELECTORS[name] = fn
 
 
-def index_selector(device: torch.device) -> IndexSelector | None:
-    """The fused top-k selector for tensors on `device`, or None where the torch path applies."""
-    if device.type != "cuda":
-        return None
-    try:
-        from . import triton_indexer  # noqa: F401  (registers "triton")
-    except ImportError:
-        return None
-    return _SELECTORS.get("triton")
-
-
-def _triton_usable(device: torch.device) -> bool:
+def _triton_usable(table: dict, module: str, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     try:
-        from . import triton_sparse  # noqa: F401  (registers "triton")
+        importlib.import_module(f".{module}", __name__)   # registers its "triton" entry
     except ImportError:
         return False
-    return "triton" in _BACKENDS
+    return "triton" in table
+
+
+def _resolve(table: dict, module: str, what: str, backend: str, device: torch.device) -> str:
+    """`backend` ("auto" or a name) -> a key of `table`; `module` registers the Triton entry."""
+    if backend == "auto":
+        return "triton" if _triton_usable(table, module, device) else "torch"
+    if backend == "triton":
+        _triton_usable(table, module, device)
+    if backend not in table:
+        raise ValueError(f"unknown {what} backend {backend!r}; available: {sorted(table) + ['auto']}")
+    return backend
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "triton" if _triton_usable(device) else "torch"
-    if backend == "triton":
-        _triton_usable(device)
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown sparse attention backend {backend!r}; available: "
-                         f"{sorted(_BACKENDS) + ['auto']}")
-    return backend
+    """The sparse attention backend that `backend` means on `device`."""
+    return _resolve(_BACKENDS, "triton_sparse", "sparse attention", backend, device)
+
+
+def resolve_selector(backend: str, device: torch.device) -> str:
+    """The top-k selector that `backend` means on `device`."""
+    return _resolve(_SELECTORS, "triton_indexer", "top-k selection", backend, device)
+
+
+def select_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int, q_start: int = 0,
+                key_valid: torch.Tensor | None = None, window: int = 0, sink: int = 0,
+                backend: str = "auto") -> torch.Tensor:
+    """Selected key slots (B, T, window + sink + min(topk, S)) int64, -1 = empty; forced
+    window/sink slots first, then the top-k best first."""
+    return _SELECTORS[resolve_selector(backend, q.device)](q, w, k, topk, q_start=q_start, key_valid=key_valid,
+                                                           window=window, sink=sink)
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
@@ -82,5 +100,15 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: 
     return _BACKENDS[resolve_backend(backend, q.device)](q, kv, indices, scale, dv)
 
 
-__all__ = ["sparse_mla", "sparse_mla_reference", "sparse_mla_torch", "masked_attention",
-           "indices_to_mask", "register_backend", "resolve_backend", "register_selector", "index_selector"]
+def sparse_mla_absorbed(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                        w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
+                        backend: str = "auto") -> torch.Tensor:
+    """Sparse MLA from un-absorbed queries: (B, T, H, d_v) in kv's dtype; see `absorbed.py`."""
+    attend = functools.partial(sparse_mla, backend=resolve_backend(backend, kv.device))
+    return absorb_attend(attend, q_n, q_r, kv, indices, w_uk, w_uv, scale)
+
+
+__all__ = ["select_topk", "sparse_mla", "sparse_mla_absorbed", "select_topk_reference", "select_topk_torch",
+           "sparse_mla_reference", "sparse_mla_torch", "index_scores", "index_scores_tiled", "allowed_keys",
+           "masked_attention", "indices_to_mask", "register_backend", "register_selector", "resolve_backend",
+           "resolve_selector"]

@@ -8,7 +8,8 @@
     allowed  = s <= q_start + t (causal by slot) and key_valid[b, s]
     out        (B, T, min(topk, S)) int64 slots, best first; -1 where fewer keys are allowed
 
-Semantics are those of `dsv32.model.indexer.select_topk` (ties may break differently).
+Semantics, including the selection order (score descending, then key slot ascending; -0.0 as
+0.0), are those of `torch_indexer.select_topk_torch`: the same scores give the same set.
 
 Stage 1, `_score_kernel` [B * query tiles, key blocks]: a program scores BLOCK_T queries
 against BLOCK_S keys. Its (query, head) pairs form the rows of ONE matrix product with the key
@@ -16,9 +17,12 @@ block — BLOCK_T * H_I rows, so even decode (T = 1, H_I = 64) feeds the tensor 
 tile — then ReLU, the head weights and a sum over heads give (BLOCK_T, BLOCK_S) scores,
 masked to -inf where not allowed. Blocks wholly after every query of the tile are not scored.
 When topk < BLOCK_S the program keeps only its block's top-KEEP (KEEP = next power of two >=
-topk) per query, as (score, slot) packed into one int64 so a single `tl.topk` sorts both;
+topk) per query, as (score, slot) packed into one int64 in the order's encoding
+(`torch_indexer.order_codes`), so a single `tl.topk` sorts both and the block's survivors are
+its first KEEP keys in the selection order (so the global top-k in that order survives);
 otherwise every score is kept (nothing can be pruned exactly: the whole top-k may sit in one
-block). Stage 2, the merge: `torch.topk` over each query's candidates (a radix select on CUDA).
+block). Stage 2, the merge: `torch.topk` over each query's candidates, encoded the same way (a
+radix select on CUDA).
 
 At the V3.2 shape (topk = 2048 > BLOCK_S) stage 1 therefore writes every causal score of a
 chunk of queries and stage 2 does the selection; the candidate buffer is bounded by processing
@@ -38,6 +42,7 @@ import triton.language as tl
 
 from . import register_selector
 from .layout import unit_stride_rows
+from .torch_indexer import order_codes, select_topk_torch, topk_ordered
 
 _CANDIDATE_BUDGET_BYTES = 512 * 2**20   # stage-1 output of one chunk of queries
 _BLOCK_S = 64
@@ -86,20 +91,23 @@ def _score_kernel(
         logits = tl.maximum(logits, 0.0) * wr[:, None]
         per_query = tl.sum(tl.reshape(logits, (BLOCK_T, BLOCK_HI, BLOCK_S)), axis=1)
         scores = tl.where(allowed, per_query, float("-inf"))
+        scores = tl.where(scores == 0.0, 0.0, scores)        # -0.0 ranks as 0.0 (one zero)
 
     c_rows = b * stride_cb + offs_t[:, None].to(tl.int64) * stride_ct
     if KEEP < BLOCK_S:
-        # Order-preserving int32 image of the float (flip the magnitude bits of negatives), in
-        # the high word; the slot in the low word breaks ties and rides along through the sort.
+        # `order_codes`: order-preserving int32 image of the float (flip the magnitude bits of
+        # negatives) in the high word, 2^31-1-slot in the low word, so equal scores rank the
+        # lower slot first and the slot rides along through the sort.
         bits = scores.to(tl.int32, bitcast=True)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        packed = (key.to(tl.int64) << 32) | offs_s[None, :].to(tl.int64)
+        packed = (key.to(tl.int64) << 32) | (0x7FFFFFFF - offs_s[None, :]).to(tl.int64)
         top = tl.topk(packed, KEEP, dim=1)                                   # (BLOCK_T, KEEP)
         top_key = (top >> 32).to(tl.int32)
         top_val = (top_key ^ ((top_key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
         offs_c = kb * KEEP + tl.arange(0, KEEP)
         tl.store(VAL + c_rows + offs_c[None, :], top_val, mask=t_ok[:, None])
-        tl.store(SLOT + c_rows + offs_c[None, :], (top & 0xFFFFFFFF).to(tl.int32), mask=t_ok[:, None])
+        tl.store(SLOT + c_rows + offs_c[None, :], (0x7FFFFFFF - (top & 0xFFFFFFFF)).to(tl.int32),
+                 mask=t_ok[:, None])
     else:
         tl.store(VAL + c_rows + offs_s[None, :], scores, mask=t_ok[:, None])
 
@@ -161,9 +169,8 @@ def select_topk_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: 
     default as many as fit `_CANDIDATE_BUDGET_BYTES`); `block_s` = keys per stage-1 program."""
     if window or sink:
         # The forced slots are an optional extension; its torch path is exact and rarely hot.
-        from ..model.indexer import select_topk
-        return select_topk(q, w, k, topk, q_start=q_start, key_valid=key_valid, window=window,
-                           sink=sink, block=block)
+        return select_topk_torch(q, w, k, topk, q_start=q_start, key_valid=key_valid, window=window,
+                                 sink=sink, block=block)
     _check(q, w, k, key_valid)
     if block_s < 16 or block_s & (block_s - 1):
         raise ValueError(f"block_s must be a power of two >= 16, got {block_s}")
@@ -179,15 +186,15 @@ def select_topk_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: 
         keep = min(_pow2(K), block_s)
         per_query = B * triton.cdiv(min(S, q_start + T), block_s) * keep * (4 if keep == block_s else 8)
         block = max(1, _CANDIDATE_BUDGET_BYTES // per_query)
+    columns = torch.arange(triton.cdiv(S, block_s) * block_s, device=q.device)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         n_keys = min(S, q_start + t1)          # keys after the chunk's last query never count
         vals, slots = _candidates(q[:, t0:t1], w[:, t0:t1], k[:, :n_keys], K, q_start + t0,
                                   valid_u8, block_s)
         kk = min(K, n_keys)
-        best, pos = vals.topk(kk, dim=-1)
-        chosen = pos if slots is None else slots.gather(-1, pos).long()
-        out[:, t0:t1, :kk] = torch.where(torch.isfinite(best), chosen, -1)
+        codes = order_codes(vals, columns[: vals.shape[-1]] if slots is None else slots)
+        out[:, t0:t1, :kk] = topk_ordered(codes, kk)
     return out
 
 

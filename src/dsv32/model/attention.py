@@ -10,9 +10,10 @@ Four ways to attend, chosen by `AttentionOptions` (see context.py):
 
 * dense, expanded  — keys/values per head from W_kvb c_kv; SDPA (training, prefill);
 * dense, absorbed  — queries absorbed into the latent, SDPA over [c_kv ; k_r] (MQA);
-* sparse, absorbed — the production path: per block of queries the indexer picks top-k key
-  slots, the kernel gathers those latent rows only, and W_uv maps the result back. No T×S
-  score or mask tensor is built, memory is linear in T;
+* sparse, absorbed — the production path: the indexer picks top-k key slots
+  (`kernels.select_topk`), then absorb -> gather-attend over those latent rows -> un-absorb
+  (`kernels.sparse_mla_absorbed`; the kernels work in blocks of queries). No T×S score or mask
+  tensor is built, memory is linear in T;
 * sparse, expanded — the dense masked reference (materialises T×S; tests only).
 
 Only [c_kv ; k_r] (and the indexer key) ever go to a cache — never expanded keys or values.
@@ -32,9 +33,6 @@ from .indexer import Indexer, allowed_keys
 from .norms import RMSNorm
 from .rope import apply_rope_interleaved
 
-_CHUNK_BUDGET_BYTES = 128 * 2**20   # absorbed queries (B, chunk, H, C) float32 per chunk
-
-
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -42,7 +40,6 @@ class MLA(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.d_n, self.d_r, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.r = cfg.kv_lora_rank
-        self.topk = cfg.index_topk
         self.scale = cfg.softmax_scale
         H = self.n_heads
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
@@ -95,8 +92,9 @@ class MLA(nn.Module):
             latent_all, k_index_all = latent, k_index
         S = latent_all.shape[1]
 
-        # With backend "auto", a layer in which every query may see all its keys is exactly dense.
-        select = opts.sparse and (S > self.topk or opts.backend != "auto")
+        # k is read per call; a layer in which every query may see all its keys is exactly dense.
+        topk = self.indexer.config.index_topk if opts.topk is None else opts.topk
+        select = opts.sparse and not (opts.dense_shortcut and S <= topk)
         form = self._form(opts, T, ctx)
         rec = ctx.records
         if rec.keep_indexer_inputs:  # dense layers too: the indexer warm-up trains under dense attention
@@ -106,15 +104,13 @@ class MLA(nn.Module):
         if opts.sparse and (select or rec.record_indices):
             with torch.no_grad():
                 q_index, w_index = self.indexer.queries(x.detach(), c_q.detach(), ctx.cos, ctx.sin)
-            if rec.record_indices or (select and form == "expanded"):
-                indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
-                                              opts.backend)
-                if rec.record_indices:
-                    rec.indices[self.layer_idx] = indices
+            indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
+                                          opts.backend, topk)
+            if rec.record_indices:
+                rec.indices[self.layer_idx] = indices
 
         if select and form == "absorbed":
-            out = self._sparse_absorbed(q_n, q_r, latent_all, ctx, indices, (q_index, w_index, k_index_all),
-                                        opts.backend)
+            out = self._sparse_absorbed(q_n, q_r, latent_all, indices, opts.backend)
         elif select:
             out = self._sparse_expanded(q_n, q_r, latent_all, indices)
         elif form == "absorbed":
@@ -134,43 +130,11 @@ class MLA(nn.Module):
         return "expanded"
 
     # ------------------------------------------------------------------ the four paths
-    def _sparse_absorbed(self, q_n, q_r, latent, ctx, indices, selector, backend):
-        """Blocks of queries: select (if not given), absorb, gather-attend, un-absorb."""
-        B, T, H, _ = q_n.shape
+    def _sparse_absorbed(self, q_n, q_r, latent, indices, backend):
+        """Absorb W_uk into the queries, gather-attend over the selected latent rows, un-absorb W_uv."""
         compute = torch.float32 if latent.device.type == "cpu" else latent.dtype
-        latent_c = latent.to(compute)
-        w_uk, w_uv = (w.to(compute) for w in self.absorbed_weights())
-        if torch.is_grad_enabled():
-            idx = indices if indices is not None else self._select(selector, ctx, 0, T, backend)
-            q_cat = torch.cat((torch.einsum("bthd,hdr->bthr", q_n.to(compute), w_uk), q_r.to(compute)), dim=-1)
-            o, _ = kernels.sparse_mla(q_cat, latent_c, idx, self.scale, self.r, backend)
-            return torch.einsum("bthr,hvr->bthv", o, w_uv)
-        # Inference: chunks of queries bound the memory, and every chunk reuses the same work
-        # buffers (fresh multi-MB tensors per chunk cost page faults that rival the matmuls on CPU).
-        C = latent.shape[-1]
-        chunk = max(1, min(T, _CHUNK_BUDGET_BYTES // (4 * B * H * C)))
-        q_buf = torch.empty(B * chunk * H * C, dtype=compute, device=latent.device)
-        prod_buf = torch.empty(H * B * chunk * max(self.r, self.d_v), dtype=compute, device=latent.device)
-        result = torch.empty(B, T, H, self.d_v, dtype=compute, device=latent.device)
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            n = t1 - t0
-            idx = indices[:, t0:t1] if indices is not None else self._select(selector, ctx, t0, t1, backend)
-            prod = prod_buf[: H * B * n * self.r].view(H, B * n, self.r)
-            torch.bmm(q_n[:, t0:t1].to(compute).reshape(B * n, H, self.d_n).transpose(0, 1), w_uk, out=prod)
-            q_cat = q_buf[: B * n * H * C].view(B, n, H, C)
-            q_cat[..., : self.r].copy_(prod.view(H, B, n, self.r).permute(1, 2, 0, 3))
-            q_cat[..., self.r:].copy_(q_r[:, t0:t1])
-            o, _ = kernels.sparse_mla(q_cat, latent_c, idx, self.scale, self.r, backend)
-            back = prod_buf[: H * B * n * self.d_v].view(H, B * n, self.d_v)
-            torch.bmm(o.reshape(B * n, H, self.r).transpose(0, 1), w_uv.transpose(1, 2), out=back)
-            result[:, t0:t1].copy_(back.view(H, B, n, self.d_v).permute(1, 2, 0, 3))
-        return result
-
-    def _select(self, selector, ctx: ForwardContext, t0: int, t1: int, backend: str) -> torch.Tensor:
-        q_index, w_index, k_index = selector
-        return self.indexer.select(q_index[:, t0:t1], w_index[:, t0:t1], k_index, ctx.q_start + t0,
-                                   ctx.key_valid, backend)
+        w_uk, w_uv = self.absorbed_weights()
+        return kernels.sparse_mla_absorbed(q_n, q_r, latent.to(compute), indices, w_uk, w_uv, self.scale, backend)
 
     def _sparse_expanded(self, q_n, q_r, latent, indices):
         k, v = self.expand(latent)

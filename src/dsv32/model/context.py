@@ -23,18 +23,28 @@ class AttentionOptions:
     form:    "expanded" (per-head keys/values, MHA) or "absorbed" (attend over the latent,
              MQA); "auto" takes absorbed for sparse attention and for decode over a cache,
              expanded otherwise. Sparse + expanded is the dense masked reference (tests only).
-    backend: sparse kernel: "auto", "torch", "triton" or "reference". With "auto", a layer
-             whose every query may see all its keys (S <= index_topk) runs the equivalent
-             dense attention; naming a backend forces the sparse machinery.
+    backend: kernels for the top-k selection and the sparse attention (`dsv32.kernels`):
+             "auto" (Triton on CUDA when available, else torch), "torch", "triton" or
+             "reference" (dense T×S, tests only).
+    topk:    keys selected per query; None = the config's `index_topk`. Read at every call,
+             so another k needs no new model.
+    dense_shortcut: True runs a layer in which every query may see all its keys (S <= topk)
+             as the dense attention it equals (faster, same values); False always runs the
+             sparse machinery (tests of it, benchmarks).
     """
 
     sparse: bool = True
     form: Literal["auto", "expanded", "absorbed"] = "auto"
     backend: str = "auto"
+    topk: int | None = None
+    dense_shortcut: bool = True
 
     def __post_init__(self) -> None:
         if self.form not in ("auto", "expanded", "absorbed"):
             raise ValueError(f"attention form must be 'auto', 'expanded' or 'absorbed', got {self.form!r}")
+        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int)
+                                      or self.topk < 1):
+            raise ValueError(f"attention topk must be a positive int or None, got {self.topk!r}")
 
 
 @dataclass

@@ -44,7 +44,7 @@ import torch
 
 from ..model import AttentionOptions, DSV32ForCausalLM, IndexerInputs, Records
 from ..model.attention import MLA
-from ..model.indexer import allowed_keys, index_scores
+from ..kernels import allowed_keys, index_scores
 from .objectives import StepResult, language_model_terms
 
 Metrics = dict[str, torch.Tensor]
