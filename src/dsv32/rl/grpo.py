@@ -56,7 +56,7 @@ import torch
 from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
 from ..training.tasks import Example
-from ..validation import check_bool, check_choice, check_int, check_number, require
+from ..validation import check_bool, check_choice, check_int, check_number, is_number, require
 from .advantages import group_advantages
 from .datasets import PromptSampler
 from .losses import AGGREGATIONS, KL_ESTIMATORS, grpo_loss
@@ -122,8 +122,8 @@ class GRPOConfig:
             check_number(name, getattr(self, name), 0)
         for name in ("eps_low", "eps_high"):
             check_number(name, getattr(self, name), 0, 1, low_open=True, high_open=True)
-        if self.delta is not None:
-            check_number("delta", self.delta, 0, low_open=True, note="or None to switch the off-policy mask off")
+        require(self.delta is None or (is_number(self.delta) and self.delta > 0), "delta",
+                "> 0, or None to switch the off-policy mask off", self.delta)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_number("failure_reward", self.failure_reward)
