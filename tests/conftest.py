@@ -38,7 +38,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.15) -> tor
     weights around 1, biases and the router bias small, so no part is trivially identity."""
     gen = torch.Generator().manual_seed(seed)
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if not t.is_floating_point() or name.endswith("inv_freq"):
+        if not t.is_floating_point():
             continue
         noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
         if "norm" in name and name.endswith("weight"):
