@@ -11,7 +11,7 @@ import pytest
 
 import dsv32
 from dsv32.cli import build_parser, main
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import tiny_model
 
 VERBS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -46,7 +46,7 @@ def test_unknown_verb(capsys):
 
 
 def test_generate_streams_and_reports_speed(tmp_path, capsys):
-    model = randomize_(dsv32.DSV32ForCausalLM(tiny_config(vocab_size=259, index_topk=4)), seed=1)
+    model = tiny_model(seed=1, vocab_size=259, index_topk=4)
     model.save_pretrained(tmp_path / "m")
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hi there", "--max-new-tokens", "6",
                  "--temperature", "0"]) == 0

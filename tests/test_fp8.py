@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsv32 import DSV32ForCausalLM, fp8
+from dsv32 import fp8
 from dsv32.checkpoint import hf_state_items
 from dsv32.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
 from dsv32.inference.cache import LatentCache, StaticLatentCache
 from dsv32.model.indexer import Indexer, hadamard_matrix
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import randomize_, tiny_config, tiny_model
 
 
 def test_fp8_roundtrip_error_and_power_of_two_scales():
@@ -80,8 +80,8 @@ def test_fp8_cache_stores_and_reads_the_shared_format(static):
 
 
 def test_fp8_checkpoint_is_the_shared_format_in_128x128_blocks(tmp_path):
-    cfg = tiny_config(hidden_size=136, q_lora_rank=132, num_hidden_layers=2)
-    model = randomize_(DSV32ForCausalLM(cfg), seed=3)
+    model = tiny_model(seed=3, hidden_size=136, q_lora_rank=132, num_hidden_layers=2)
+    cfg = model.config
     w = torch.randn(200, 136)
     q, scale = quantize_blockwise(w)
     q_ref, scale_ref = fp8.quantize(w, (128, 128))

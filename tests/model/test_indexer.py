@@ -75,9 +75,9 @@ def test_hadamard_is_orthonormal_and_keeps_dot_products():
 
 def test_fp8_indexer_changes_scores_only_slightly():
     from dsv32 import DSV32ForCausalLM
-    from tests.conftest import randomize_, tiny_config
-    cfg = tiny_config(index_topk=4)
-    plain = randomize_(DSV32ForCausalLM(cfg), seed=1).eval()
+    from tests.conftest import tiny_model
+    plain = tiny_model(seed=1, index_topk=4).eval()
+    cfg = plain.config
     fp8 = DSV32ForCausalLM(cfg.replace(index_fp8=True)).eval()
     fp8.load_state_dict(plain.state_dict())
     ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(0))
