@@ -1,11 +1,12 @@
-"""Shared fixtures: tiny configs, seeded random weights that make every part matter."""
+"""Shared fixtures: the named test models (`tiny_model`), tiny configs, and seeded random
+weights that make every part matter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dsv32 import ModelConfig
+from dsv32 import DSV32ForCausalLM, ModelConfig
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -38,6 +39,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.15) -> tor
     weights around 1, biases and the router bias small, so no part is trivially identity."""
     gen = torch.Generator().manual_seed(seed)
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        # transformers' reference model keeps RoPE's inv_freq as a float buffer: never noise it.
         if not t.is_floating_point() or name.endswith("inv_freq"):
             continue
         noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
@@ -48,6 +50,40 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.15) -> tor
         else:
             t.copy_(std * noise)
     return module
+
+
+# The named test models. Every test builds its model with `tiny_model(name, seed=..., **overrides)`:
+#   tiny    tiny_config(): 97 ids, 3 layers (1 dense + 2 MoE, one group), top-6 selection
+#   byte    tiny over the byte tokenizer's 259 ids, the trainer's own init (training tests learn from it)
+#   decode  tiny with top-4 selection and 128 positions, larger weights (generation tests)
+#   policy  the library's `tiny` preset, dense at test lengths (top-128), 256 positions (RL tests)
+TEST_MODELS: dict[str, dict] = {
+    "tiny": dict(config=lambda **kw: tiny_config(**kw), weights="random", std=0.15),
+    "byte": dict(config=lambda **kw: tiny_config(**{**dict(vocab_size=259, bos_token_id=256, eos_token_id=257,
+                                                             pad_token_id=258, max_position_embeddings=512), **kw}),
+                 weights="init"),
+    "decode": dict(config=lambda **kw: tiny_config(**{**dict(index_topk=4, max_position_embeddings=128), **kw}),
+                   weights="random", std=0.25),
+    "policy": dict(config=lambda **kw: ModelConfig.preset("tiny", **{**dict(index_topk=128,
+                                                                             max_position_embeddings=256), **kw}),
+                   weights="random", std=0.1),
+}
+
+
+def tiny_model(preset: str | ModelConfig = "tiny", *, seed: int = 0, std: float | None = None,
+               **overrides) -> DSV32ForCausalLM:
+    """A named test model (or one of `preset`'s config) with seeded weights: `randomize_` noise,
+    or the model's own `init_weights` for the "byte" preset."""
+    if isinstance(preset, ModelConfig):
+        spec, cfg = TEST_MODELS["tiny"], preset.replace(**overrides) if overrides else preset
+    else:
+        spec = TEST_MODELS[preset]
+        cfg = spec["config"](**overrides)
+    if spec["weights"] == "init":
+        model = DSV32ForCausalLM(cfg, init=False)
+        model.init_weights(seed=seed)
+        return model
+    return randomize_(DSV32ForCausalLM(cfg), seed=seed, std=spec["std"] if std is None else std)
 
 
 @pytest.fixture

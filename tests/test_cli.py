@@ -11,7 +11,7 @@ import pytest
 
 import dsv32
 from dsv32.cli import build_parser, main
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import tiny_model
 
 VERBS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -46,7 +46,7 @@ def test_unknown_verb(capsys):
 
 
 def test_generate_streams_and_reports_speed(tmp_path, capsys):
-    model = randomize_(dsv32.DSV32ForCausalLM(tiny_config(vocab_size=259, index_topk=4)), seed=1)
+    model = tiny_model(seed=1, vocab_size=259, index_topk=4)
     model.save_pretrained(tmp_path / "m")
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hi there", "--max-new-tokens", "6",
                  "--temperature", "0"]) == 0
@@ -79,3 +79,34 @@ def test_info_preset(capsys):
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "dsv32", "info", "tiny"], capture_output=True, text=True)
     assert proc.returncode == 0 and "parameters" in proc.stdout
+
+
+def _verb_args(argv: list[str]):
+    from dsv32.cli import _apply_config, build_parser
+    parser = build_parser()
+    return _apply_config(parser._subparsers._group_actions[0].choices[argv[0]], argv[1:])
+
+
+def test_every_verb_with_a_config_dataclass_has_its_fields_as_flags(tmp_path):
+    import dataclasses
+
+    from dsv32.cli import config_from_args
+    from dsv32.rl.grpo import GRPOConfig
+    from dsv32.rl.sft import SFTConfig
+    from dsv32.training.trainer import TrainConfig
+    for verb, cls in (("pretrain", TrainConfig), ("sparsify", TrainConfig), ("sft", SFTConfig),
+                      ("grpo", GRPOConfig)):
+        args = _verb_args([verb])
+        assert {f.name for f in dataclasses.fields(cls)} - set(vars(args)) <= {"lr_overrides"}, verb
+        config_from_args(args, cls)                     # the verb's defaults are valid settings
+    # Per-verb defaults, the historical short names, and --no-NAME for booleans.
+    assert (_verb_args(["pretrain"]).steps, _verb_args(["sparsify"]).steps) == (1000, 200)
+    args = _verb_args(["pretrain", "--bias-gamma", "0.5", "--keep", "3", "--no-progress", "--betas", "0.8", "0.9"])
+    config = config_from_args(args, TrainConfig)
+    assert (config.bias_update_gamma, config.keep_checkpoints, config.progress, config.betas) == (0.5, 3, False,
+                                                                                                  (0.8, 0.9))
+    # Config-file keys may be any flag name, the short ones included.
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"bias_gamma": 0.25, "keep": 2, "no_progress": True, "keep_checkpoints": 2}))
+    config = config_from_args(_verb_args(["sparsify", "--config", str(path)]), TrainConfig)
+    assert (config.bias_update_gamma, config.keep_checkpoints, config.progress) == (0.25, 2, False)

@@ -9,11 +9,12 @@ a traceback; set DSV32_DEBUG=1 to see the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from .checkpoint import CheckpointError
 
@@ -62,16 +63,22 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     if known.config:
         values = _load_config_file(known.config)
         actions = {a.dest: a for a in parser._actions}
+        for a in parser._actions:              # every flag name is a key too (--keep, --no-progress)
+            for option in a.option_strings:
+                actions.setdefault(option.lstrip("-").replace("-", "_"), a)
         defaults = {}
         for key, value in values.items():
-            dest = key.replace("-", "_")
-            if dest not in actions or dest in ("config", "help"):
+            name = key.replace("-", "_")
+            if name not in actions or name in ("config", "help"):
                 raise UserError(f"config file {known.config}: unknown option {key!r} for `{parser.prog}`")
-            action = actions[dest]
+            action = actions[name]
             action.required = False
             if not action.option_strings:      # a positional given by the file becomes optional
                 action.nargs = "?"
-            defaults[dest] = value
+            if isinstance(action, argparse.BooleanOptionalAction) and name != action.dest and \
+                    name.startswith("no_") and isinstance(value, bool):
+                value = not value              # {"no_progress": true} means --no-progress
+            defaults[action.dest] = value
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
@@ -113,26 +120,92 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(spec: str, *, dtype: str | None = None, device: str = "cpu", seed: int = 0):
-    """A checkpoint folder, or a preset name (random weights, seeded) for trying things out."""
+def resolve_model_dir(path: str | Path) -> Path:
+    """A folder with config.json, or a run folder -> its latest checkpoint."""
+    from .training.checkpointing import LocalCheckpointer
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = LocalCheckpointer(path / "checkpoints").latest()
+    if latest is None:
+        raise ValueError(f"{path} is neither a checkpoint folder (no config.json) nor a run folder with checkpoints")
+    return latest
+
+
+def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu", seed: int = 0,
+               topk: int | None = None):
+    """What every verb's --model/--init names: a checkpoint folder, a run folder (its latest
+    checkpoint) or a preset name (random weights, seeded); `topk` loads it with another index_topk."""
     from .checkpoint import load_pretrained
     from .config import PRESETS, ModelConfig
     from .model import DSV32ForCausalLM
     if Path(spec).is_dir():
-        return load_pretrained(spec, dtype=dtype, device=device)
-    if spec in PRESETS:
-        model = DSV32ForCausalLM(ModelConfig.preset(spec))
+        model = load_pretrained(resolve_model_dir(spec), dtype=dtype, device=device)
+    elif str(spec) in PRESETS:
+        model = DSV32ForCausalLM(ModelConfig.preset(str(spec)))
         model.init_weights(seed=seed)
-        return model.to(device)
-    raise UserError(f"--model {spec!r} is neither a checkpoint folder nor a preset ({', '.join(sorted(PRESETS))})")
+        model = model.to(device)
+    else:
+        raise UserError(f"--model {str(spec)!r} is neither a checkpoint folder nor a preset "
+                        f"({', '.join(sorted(PRESETS))})")
+    if topk is not None and topk != model.config.index_topk:
+        weights = model.state_dict()
+        model = DSV32ForCausalLM(model.config.replace(index_topk=topk), init=False)
+        model.load_state_dict(weights)
+        model = model.to(device)
+    return model
 
 
-def _tokenizer_for(model_spec: str, name: str | None):
-    from .tokenizer import load_tokenizer
-    if name is None:
-        folder = Path(model_spec)
-        name = str(folder) if (folder / "tokenizer.json").is_file() else "byte"
-    return load_tokenizer(name)
+# ------------------------------------------------------------------------------- config flags
+def _number_or_none(kind: type) -> Callable[[str], float | int | None]:
+    def parse(text: str):
+        if text.lower() in ("none", "null", "off"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    return parse
+
+
+def add_config_flags(parser, cls: type, *, defaults: dict[str, Any] | None = None,
+                     aliases: dict[str, list[str]] | None = None, choices: dict[str, Sequence] | None = None,
+                     help: dict[str, str] | None = None, exclude: Sequence[str] = ()) -> None:
+    """One flag per field of the dataclass `cls`: `--field-name` (plus `aliases`), typed by the
+    field's default, with the field's help (metadata "help", or `help`) and its default.
+    Booleans also take --no-NAME; a field that may be None takes 'none'; a tuple takes as many
+    values as its default has. `defaults` overrides a field's default for this verb; the
+    dataclass still validates every value (`config_from_args`)."""
+    defaults, aliases, choices, help = defaults or {}, aliases or {}, choices or {}, help or {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = defaults.get(f.name, f.default)
+        if default is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name} has no plain default and cannot be a flag; exclude it")
+        flags = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
+        text = f"{help.get(f.name) or f.metadata.get('help', '')} (default: {default})".lstrip()
+        kw: dict[str, Any] = dict(dest=f.name, default=default, help=text)
+        if isinstance(default, bool):
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, tuple):
+            parser.add_argument(*flags, type=type(default[0]), nargs=len(default), **kw)
+        elif "None" in str(f.type) and isinstance(default, (int, float)):
+            parser.add_argument(*flags, type=_number_or_none(_scalar(f.type, default)),
+                                metavar=f"{f.name.upper()}|none", **kw)
+        else:
+            parser.add_argument(*flags, type=_scalar(f.type, default), choices=choices.get(f.name), **kw)
+
+
+def _scalar(annotation: Any, default: Any) -> type:
+    # The annotation wins over the default's type: `lr: float = 1` still parses "1e-3".
+    return float if str(annotation).split(" ")[0] in ("float", "<class 'float'>") else type(default)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, **fields: Any):
+    """The dataclass `cls` built from the flags `add_config_flags` added (and `fields`)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **fields})
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -141,8 +214,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .inference import generate
+    from .tokenizer import tokenizer_for_model
     model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed).eval()
-    tok = _tokenizer_for(args.model, args.tokenizer)
+    tok = tokenizer_for_model(args.model, args.tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {model.config.vocab_size}")
     prompts = args.prompt or [sys.stdin.read()]

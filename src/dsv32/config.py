@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .validation import check_choice, check_int, check_number, require
+
 _ROPE_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
               "mscale_all_dim", "attention_factor", "truncate")
 
@@ -164,84 +166,54 @@ class ModelConfig:
     # Validation
     # ---------------------------------------------------------------------------------
     def validate(self) -> None:
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                    "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads",
-                    "index_head_dim", "index_topk", "n_routed_experts", "num_experts_per_tok",
-                    "n_group", "topk_group", "moe_layer_freq", "max_position_embeddings"]
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
-        non_negative = ["n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
-                        "index_window", "index_sink"]
-        for name in non_negative:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"config field {name!r} must be a non-negative integer, got {value!r}")
-        for name in ("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"config field {name!r} must be a positive number, got {value!r}")
-        if not 0.0 <= float(self.attention_dropout) < 1.0:
-            raise ValueError(f"config field 'attention_dropout' must be in [0, 1), got {self.attention_dropout!r}")
-        if self.num_key_value_heads != self.num_attention_heads:
-            raise ValueError(
-                "config field 'num_key_value_heads' must equal num_attention_heads "
-                f"({self.num_attention_heads}) for MLA, got {self.num_key_value_heads!r}")
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(f"config field 'qk_rope_head_dim' must be even, got {self.qk_rope_head_dim}")
-        if self.index_head_dim < self.qk_rope_head_dim:
-            raise ValueError(
-                f"config field 'index_head_dim' must be >= qk_rope_head_dim ({self.qk_rope_head_dim}), "
-                f"got {self.index_head_dim}")
-        if self.index_fp8 and self.index_head_dim & (self.index_head_dim - 1):
-            raise ValueError(
-                "config field 'index_head_dim' must be a power of two when index_fp8 is on "
-                f"(Hadamard rotation), got {self.index_head_dim}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"config field 'hidden_act' must be 'silu', got {self.hidden_act!r}")
-        if self.scoring_func != "sigmoid":
-            raise ValueError(f"config field 'scoring_func' must be 'sigmoid' (DeepSeek-V3 routing), "
-                             f"got {self.scoring_func!r}")
-        if self.topk_method != "noaux_tc":
-            raise ValueError(f"config field 'topk_method' must be 'noaux_tc', got {self.topk_method!r}")
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(
-                f"config field 'n_group' ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})")
+        def name(field: str) -> str:
+            return f"config field {field!r}"
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                      "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads",
+                      "index_head_dim", "index_topk", "n_routed_experts", "num_experts_per_tok",
+                      "n_group", "topk_group", "moe_layer_freq", "max_position_embeddings"):
+            check_int(name(field), getattr(self, field), 1)
+        for field in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
+                      "index_window", "index_sink"):
+            check_int(name(field), getattr(self, field), 0)
+        for field in ("rms_norm_eps", "routed_scaling_factor", "rope_theta", "initializer_range"):
+            check_number(name(field), getattr(self, field), 0, low_open=True)
+        check_number(name("attention_dropout"), self.attention_dropout, 0.0, 1.0, high_open=True)
+        require(self.num_key_value_heads == self.num_attention_heads, name("num_key_value_heads"),
+                f"equal to num_attention_heads ({self.num_attention_heads}) for MLA", self.num_key_value_heads)
+        require(self.qk_rope_head_dim % 2 == 0, name("qk_rope_head_dim"), "even", self.qk_rope_head_dim)
+        require(self.index_head_dim >= self.qk_rope_head_dim, name("index_head_dim"),
+                f">= qk_rope_head_dim ({self.qk_rope_head_dim})", self.index_head_dim)
+        require(not (self.index_fp8 and self.index_head_dim & (self.index_head_dim - 1)), name("index_head_dim"),
+                "a power of two when index_fp8 is on (Hadamard rotation)", self.index_head_dim)
+        check_choice(name("hidden_act"), self.hidden_act, ("silu",))
+        check_choice(name("scoring_func"), self.scoring_func, ("sigmoid",))       # DeepSeek-V3 routing
+        check_choice(name("topk_method"), self.topk_method, ("noaux_tc",))
+        require(self.n_routed_experts % self.n_group == 0, name("n_group"),
+                f"a divisor of n_routed_experts ({self.n_routed_experts})", self.n_group)
         per_group = self.n_routed_experts // self.n_group
-        if self.n_group > 1 and per_group < 2:
-            raise ValueError(
-                "config field 'n_group' leaves fewer than 2 experts per group; group scores are the "
-                f"sum of each group's top-2 (n_routed_experts={self.n_routed_experts}, n_group={self.n_group})")
-        if not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"config field 'topk_group' must be in [1, n_group={self.n_group}], got {self.topk_group}")
-        if self.num_experts_per_tok > per_group * self.topk_group:
-            raise ValueError(
-                f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= the experts in "
-                f"the kept groups (topk_group * n_routed_experts / n_group = {per_group * self.topk_group})")
-        if len(self.mlp_layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"config field 'mlp_layer_types' must have num_hidden_layers={self.num_hidden_layers} "
-                f"entries, got {len(self.mlp_layer_types)}")
-        bad = sorted({t for t in self.mlp_layer_types if t not in ("dense", "sparse")})
-        if bad:
-            raise ValueError(f"config field 'mlp_layer_types' entries must be 'dense' or 'sparse', got {bad}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"config field 'dtype' must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        require(self.n_group == 1 or per_group >= 2, name("n_group"),
+                f"at most n_routed_experts / 2 ({self.n_routed_experts // 2}): group scores are the sum of "
+                "each group's top-2 experts", self.n_group)
+        check_int(name("topk_group"), self.topk_group, 1, self.n_group)
+        require(self.num_experts_per_tok <= per_group * self.topk_group, name("num_experts_per_tok"),
+                f"<= the experts in the kept groups (topk_group * n_routed_experts / n_group = "
+                f"{per_group * self.topk_group})", self.num_experts_per_tok)
+        require(len(self.mlp_layer_types) == self.num_hidden_layers, name("mlp_layer_types"),
+                f"a list of num_hidden_layers={self.num_hidden_layers} entries", self.mlp_layer_types)
+        for kind in self.mlp_layer_types:
+            check_choice(name("mlp_layer_types") + " entries", kind, ("dense", "sparse"))
+        check_choice(name("dtype"), self.dtype, sorted(_DTYPES))
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type")
-            if rope_type not in ("default", "yarn"):
-                raise ValueError(
-                    f"config field 'rope_scaling.rope_type' must be 'default' or 'yarn', got {rope_type!r}")
+            check_choice(name("rope_scaling.rope_type"), rope_type, ("default", "yarn"))
             if rope_type == "yarn":
-                if self.rope_scaling.get("factor") is None and not self.rope_scaling.get(
-                        "original_max_position_embeddings"):
-                    raise ValueError("config field 'rope_scaling' (yarn) needs 'factor' or "
-                                     "'original_max_position_embeddings'")
-                factor = self.yarn_factor
-                if not factor > 0:
-                    raise ValueError(f"config field 'rope_scaling.factor' must be > 0, got {factor}")
+                require(self.rope_scaling.get("factor") is not None
+                        or bool(self.rope_scaling.get("original_max_position_embeddings")), name("rope_scaling"),
+                        "a yarn table with 'factor' or 'original_max_position_embeddings'", self.rope_scaling)
+                check_number(name("rope_scaling.factor"), self.yarn_factor, 0, low_open=True)
 
     # ---------------------------------------------------------------------------------
     # Hugging Face config.json

@@ -119,7 +119,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, *, quick: bool = 
     cfg = demo_config(sizes)
 
     def latest(stage: str) -> DSV32ForCausalLM:
-        from .training.commands import resolve_model_dir
+        from .cli import resolve_model_dir
         return load_pretrained(resolve_model_dir(out / stage))
 
     stages.run("build", "build the model and check its Hugging Face round trip", lambda f: _build(cfg, f, seed))

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_for_model"]
 
 
 @runtime_checkable
@@ -256,3 +256,13 @@ def load_tokenizer(path_or_name: str | Path, **special_tokens: str) -> Tokenizer
     elif path.suffix != ".json":
         raise ValueError(f"tokenizer file {path} must be a Hugging Face tokenizer.json")
     return HFTokenizer(path, **special_tokens)
+
+
+def tokenizer_for_model(model: str | Path, name: str | Path | None = None) -> Tokenizer:
+    """The tokenizer a model spec (checkpoint folder or preset name) is used with: `name` when
+    given ('byte', a tokenizer.json or a folder holding one), else the model folder's
+    tokenizer.json, else the byte tokenizer (the presets' vocabulary)."""
+    if name is None:
+        folder = Path(model)
+        name = str(folder) if (folder / "tokenizer.json").is_file() else "byte"
+    return load_tokenizer(name)

@@ -14,11 +14,11 @@ import dsv32
 from dsv32.checkpoint import CheckpointError, hf
 from dsv32.checkpoint.fp8 import dequantize_blockwise, is_quantizable, quantize_blockwise
 from dsv32.cli import main as cli
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import tiny_config, tiny_model
 
 
 def saved(tmp_path, name="ckpt", seed=0, **overrides):
-    model = randomize_(dsv32.DSV32ForCausalLM(tiny_config(**overrides)), seed=seed).eval()
+    model = tiny_model(seed=seed, **overrides).eval()
     path = tmp_path / name
     model.save_pretrained(path)
     return model, path
@@ -77,8 +77,8 @@ def test_mtp_round_trip_and_skip(tmp_path):
 def test_fp8_checkpoint_written_by_hand_loads_dequantised(tmp_path):
     """Quantise a tiny model's linear weights in 128x128 blocks (dims > 128 so blocks are partial),
     write the release layout by hand, load, and compare with w_fp8 * scale_inv."""
-    cfg = tiny_config(hidden_size=136, intermediate_size=260, q_lora_rank=132, num_hidden_layers=2)
-    model = randomize_(dsv32.DSV32ForCausalLM(cfg), seed=1)
+    model = tiny_model(seed=1, hidden_size=136, intermediate_size=260, q_lora_rank=132, num_hidden_layers=2)
+    cfg = model.config
     path = tmp_path / "fp8"
     path.mkdir()
     tensors, expected = {}, {}
@@ -136,7 +136,7 @@ def test_fp8_save_and_convert_to_bf16(tmp_path):
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model, path = saved(tmp_path)
     (path / "tokenizer.json").write_text("{}")
-    other = randomize_(dsv32.DSV32ForCausalLM(model.config), seed=9)
+    other = tiny_model(model.config, seed=9)
     calls = {"n": 0}
     real = hf.save_file
 

@@ -10,15 +10,14 @@ import torch
 import dsv32
 from dsv32 import AttentionOptions, Records
 from dsv32.inference import LatentCache, StaticLatentCache, generate
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22, 23], [30, 31, 32, 33, 34, 35, 36]]
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = tiny_config(index_topk=4, max_position_embeddings=128)
-    return randomize_(dsv32.DSV32ForCausalLM(cfg), seed=11, std=0.25).eval()
+    return tiny_model("decode", seed=11).eval()
 
 
 def greedy_by_recomputation(model, prompt, n):

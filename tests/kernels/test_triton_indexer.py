@@ -17,13 +17,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of triton
 pytest.importorskip("triton", reason="triton is not installed (pip install dsv32[gpu])")
 
-import dsv32  # noqa: E402
 from dsv32 import kernels  # noqa: E402
 from dsv32.kernels.triton_indexer import select_topk_triton  # noqa: E402
 from dsv32.model.context import AttentionOptions  # noqa: E402
 from dsv32.kernels import allowed_keys, index_scores  # noqa: E402
 from dsv32.kernels import select_topk_torch as select_topk  # noqa: E402
-from tests.conftest import randomize_, tiny_config  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
@@ -151,8 +150,8 @@ def test_bad_inputs_raise():
 @pytest.mark.skipif(DEVICE != "cuda", reason="the model uses the Triton paths on CUDA only")
 def test_model_auto_backend_matches_torch_on_cuda():
     """A tiny sparse model on CUDA: 'auto' (Triton selection + attention) equals 'torch'."""
-    cfg = tiny_config(index_topk=4)
-    model = randomize_(dsv32.DSV32ForCausalLM(cfg), seed=3).eval().to(DEVICE)
+    model = tiny_model(seed=3, index_topk=4).eval().to(DEVICE)
+    cfg = model.config
     ids = torch.randint(3, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         fast = model(ids, attention=AttentionOptions(backend="auto"))

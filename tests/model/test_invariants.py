@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dsv32 import AttentionOptions, DSV32ForCausalLM, Records
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import tiny_model
 
 
 def model_for(seed=0, **overrides):
-    return randomize_(DSV32ForCausalLM(tiny_config(**overrides)), seed=seed)
+    return tiny_model(seed=seed, **overrides)
 
 
 def batch(cfg, B=2, T=20, seed=0, pad=True):

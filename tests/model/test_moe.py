@@ -9,7 +9,7 @@ import torch
 
 from dsv32 import DSV32ForCausalLM, Records
 from dsv32.model.moe import MoE, sequence_balance_loss
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import randomize_, tiny_config, tiny_model
 
 
 def brute_force_route(s, bias, n_group, topk_group, top_k):
@@ -55,7 +55,7 @@ def test_bias_steers_selection_but_not_weights():
 
 
 def test_record_and_replay_routing():
-    model = randomize_(DSV32ForCausalLM(tiny_config(num_hidden_layers=3)), seed=4).eval()
+    model = tiny_model(seed=4, num_hidden_layers=3).eval()
     ids = torch.randint(3, 97, (2, 12))
     with torch.no_grad():
         rec = model(ids, records=Records(record_routing=True))

@@ -11,8 +11,8 @@ import torch
 
 import dsv32
 from dsv32 import Records
-from dsv32.model.indexer import index_scores
-from tests.conftest import PARITY_CONFIGS, randomize_, tiny_config
+from dsv32.kernels import index_scores
+from tests.conftest import PARITY_CONFIGS, randomize_, tiny_config, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,8 +99,8 @@ def test_hf_to_dsv32(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
 def test_dsv32_to_hf(name, tmp_path):
-    cfg = tiny_config(**PARITY_CONFIGS[name])
-    ours = randomize_(dsv32.DSV32ForCausalLM(cfg), seed=5).eval()
+    ours = tiny_model(seed=5, **PARITY_CONFIGS[name]).eval()
+    cfg = ours.config
     ours.save_pretrained(tmp_path)
     hf = transformers.DeepseekV32ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids, mask = inputs(cfg, seed=2)
@@ -114,8 +114,8 @@ def test_dsv32_to_hf(name, tmp_path):
 
 def test_left_padding_equals_unpadded(tmp_path):
     """A left-padded row gives the logits the same prompt gets alone (positions count real tokens)."""
-    cfg = tiny_config(index_topk=5)
-    model = randomize_(dsv32.DSV32ForCausalLM(cfg), seed=7).eval()
+    model = tiny_model(seed=7, index_topk=5).eval()
+    cfg = model.config
     ids, mask = inputs(cfg)
     with torch.no_grad():
         padded = model(ids, attention_mask=mask).logits

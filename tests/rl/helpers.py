@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from dsv32 import DSV32ForCausalLM, ModelConfig
+from dsv32 import DSV32ForCausalLM
 from dsv32.rl import task_examples
 from dsv32.tokenizer import ByteTokenizer
-from tests.conftest import randomize_
+from tests.conftest import tiny_model
 
 TOKENIZER = ByteTokenizer()
 
 
 def tiny_policy(seed: int = 0, std: float = 0.1) -> DSV32ForCausalLM:
-    cfg = ModelConfig.preset("tiny", index_topk=128, max_position_embeddings=256)
-    return randomize_(DSV32ForCausalLM(cfg), seed=seed, std=std).eval()
+    """The "policy" test model (tests/conftest.py), in eval mode."""
+    return tiny_model("policy", seed=seed, std=std).eval()
 
 
 def arithmetic(n: int, seed: int = 0):

@@ -10,7 +10,7 @@ from dsv32.tokenizer import ByteTokenizer
 from dsv32.training.data import Document, PackedSequences
 from dsv32.training.objectives import LanguageModeling
 from dsv32.training.trainer import Trainer, TrainConfig
-from tests.conftest import tiny_config
+from tests.conftest import tiny_model
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega").split()
@@ -29,12 +29,8 @@ def write_corpus(folder: Path, n: int = 40, words: int = 150) -> Path:
 
 
 def byte_model(seed: int = 0, **overrides) -> DSV32ForCausalLM:
-    """A tiny MoE model over the byte vocabulary."""
-    fields = dict(vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258, max_position_embeddings=512)
-    fields.update(overrides)
-    model = DSV32ForCausalLM(tiny_config(**fields), init=False)
-    model.init_weights(seed=seed)
-    return model
+    """The "byte" test model (tests/conftest.py)."""
+    return tiny_model("byte", seed=seed, **overrides)
 
 
 def make_trainer(out: Path, *, model_seed: int = 0, checkpointer=None, objective=None, **config) -> Trainer:

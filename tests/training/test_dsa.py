@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from dsv32 import AttentionOptions, DSV32ForCausalLM, Records
-from dsv32.model.indexer import allowed_keys, index_scores
+from dsv32.kernels import allowed_keys, index_scores
 from dsv32.training.dsa import (IndexerWarmup, SparseTraining, attention_queries, indexer_sparse_loss,
                                 indexer_warmup_loss, selected_mass, selection_report)
 from dsv32.training.losses import lm_loss
-from tests.conftest import randomize_, tiny_config
+from tests.conftest import tiny_model
 
 
 def _layer_inputs(model, B=2, T=24, seed=0, pad=0):
@@ -54,7 +54,7 @@ def _naive_warmup(mla, x, cos, sin, key_valid):
 
 @pytest.mark.parametrize("pad", [0, 5])
 def test_warmup_loss_equals_naive_and_gradients_match(pad):
-    model = randomize_(DSV32ForCausalLM(tiny_config()), seed=1)
+    model = tiny_model(seed=1)
     mla = model.model.layers[1].self_attn
     x, cos, sin, key_valid = _layer_inputs(model, pad=pad)
     naive = _naive_warmup(mla, x, cos, sin, key_valid)
@@ -74,7 +74,7 @@ def test_warmup_loss_equals_naive_and_gradients_match(pad):
 
 
 def test_sparse_loss_equals_naive_on_selected_set():
-    model = randomize_(DSV32ForCausalLM(tiny_config()), seed=2)
+    model = tiny_model(seed=2)
     mla = model.model.layers[0].self_attn
     x, cos, sin, key_valid = _layer_inputs(model, T=20, pad=3)
     c_q, q_n, q_r, latent = mla.project(x, cos, sin)
@@ -101,7 +101,7 @@ def test_sparse_loss_equals_naive_on_selected_set():
 
 
 def test_selected_mass_is_one_when_everything_is_selected_and_matches_naive():
-    model = randomize_(DSV32ForCausalLM(tiny_config()), seed=3)
+    model = tiny_model(seed=3)
     mla = model.model.layers[1].self_attn
     x, cos, sin, _ = _layer_inputs(model, B=1, T=16)
     q, kv = attention_queries(mla, x, cos, sin)
@@ -122,8 +122,8 @@ def _grads(model):
 
 
 def test_gradients_stay_on_their_side():
-    cfg = tiny_config(index_topk=5)
-    model = randomize_(DSV32ForCausalLM(cfg), seed=4)
+    model = tiny_model(seed=4, index_topk=5)
+    cfg = model.config
     ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
 
     # LM loss alone, sparse attention: nothing reaches an indexer.
@@ -151,11 +151,11 @@ def test_gradients_stay_on_their_side():
 
 
 def test_selection_report_recall_in_unit_interval_and_one_when_topk_covers_all():
-    model = randomize_(DSV32ForCausalLM(tiny_config(index_topk=64)), seed=5)
+    model = tiny_model(seed=5, index_topk=64)
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(1))
     report = selection_report(model, ids, attention=AttentionOptions(sparse=False))
     assert report.recall(64)["indexer_recall"] == pytest.approx(1.0, abs=1e-5)
-    small = randomize_(DSV32ForCausalLM(tiny_config(index_topk=4)), seed=5)
+    small = tiny_model(seed=5, index_topk=4)
     rec = selection_report(small, ids, attention=AttentionOptions(sparse=True)).recall(4)
     assert 0.0 < rec["indexer_recall_past_k"] < rec["indexer_recall"] < rec["indexer_recall_ceiling"] < 1.0
 
@@ -164,8 +164,8 @@ def test_mtp_indexers_train_in_both_stages():
     """With an MTP layer, the warm-up loss gains that layer's term -- equal to the naive loss on
     the MTP layer's own (depth-shifted) input -- and stage 2 trains its indexer too, while the
     MTP layer's other weights get no gradient unless mtp_weight > 0."""
-    cfg = tiny_config(num_nextn_predict_layers=1, index_topk=5)
-    model = randomize_(DSV32ForCausalLM(cfg), seed=6)
+    model = tiny_model(seed=6, num_nextn_predict_layers=1, index_topk=5)
+    cfg = model.config
     mtp_idx = cfg.num_hidden_layers
     ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
 

@@ -7,7 +7,7 @@ Two forms:
 * `StaticLatentCache` preallocates (max_batch, max_length) and writes in place.
 
 Both can store c_kv and the indexer key in FP8 e4m3 with one power-of-two scale per 128
-values, as production does (k_r stays in the cache dtype, as in FlashMLA's FP8 layout).
+values (`dsv32.fp8`), as production does (k_r stays in the cache dtype, as in FlashMLA's FP8 layout).
 This is simulated: reads dequantise to the compute dtype, which on CPU costs one O(L)
 elementwise pass per step; a GPU kernel would read the FP8 rows directly.
 
@@ -21,29 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import fp8 as fp8_format
 from ..config import ModelConfig
-
-_FP8_BLOCK = 128
-_FP8_MAX = 448.0
-
-
-def _fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., d) -> (fp8 (..., d), scale (..., ceil(d/128)) float32), power-of-two scales."""
-    d = x.shape[-1]
-    nblk = -(-d // _FP8_BLOCK)
-    padded = torch.nn.functional.pad(x.float(), (0, nblk * _FP8_BLOCK - d))
-    blocks = padded.view(*x.shape[:-1], nblk, _FP8_BLOCK)
-    amax = blocks.abs().amax(-1).clamp(min=1e-4)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / _FP8_MAX)))
-    q = (blocks / scale[..., None]).to(torch.float8_e4m3fn).view(*x.shape[:-1], nblk * _FP8_BLOCK)[..., :d]
-    return q.contiguous(), scale
-
-
-def _fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    d = q.shape[-1]
-    s = scale.repeat_interleave(_FP8_BLOCK, dim=-1)[..., :d]
-    return (q.float() * s).to(dtype)
-
 
 class LatentCache:
     """A growing latent cache. `fp8=True` stores c_kv and the indexer key in FP8 e4m3."""
@@ -63,17 +42,17 @@ class LatentCache:
         if not self.fp8:
             return {"latent": latent, "k_index": k_index.to(latent.dtype)}
         c_kv, k_r = latent[..., : self.r], latent[..., self.r:]
-        ckv_q, ckv_s = _fp8_quantize(c_kv)
-        ki_q, ki_s = _fp8_quantize(k_index)
+        ckv_q, ckv_s = fp8_format.quantize(c_kv)
+        ki_q, ki_s = fp8_format.quantize(k_index)
         return {"c_kv": ckv_q, "c_kv_scale": ckv_s, "k_r": k_r.contiguous(), "k_index": ki_q,
                 "k_index_scale": ki_s}
 
     def _decode(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fp8:
             return parts["latent"], parts["k_index"].float()
-        c_kv = _fp8_dequantize(parts["c_kv"], parts["c_kv_scale"], dtype)
+        c_kv = fp8_format.dequantize(parts["c_kv"], parts["c_kv_scale"], dtype=dtype)
         latent = torch.cat((c_kv, parts["k_r"].to(dtype)), dim=-1)
-        return latent, _fp8_dequantize(parts["k_index"], parts["k_index_scale"], torch.float32)
+        return latent, fp8_format.dequantize(parts["k_index"], parts["k_index_scale"])
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies in one layer's cache."""
@@ -81,7 +60,7 @@ class LatentCache:
         elt = torch.tensor([], dtype=self._dtype()).element_size()
         if not self.fp8:
             return (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim) * elt
-        scales = 4 * (-(-cfg.kv_lora_rank // _FP8_BLOCK) + -(-cfg.index_head_dim // _FP8_BLOCK))
+        scales = 4 * (-(-cfg.kv_lora_rank // fp8_format.BLOCK) + -(-cfg.index_head_dim // fp8_format.BLOCK))
         return cfg.kv_lora_rank + cfg.index_head_dim + cfg.qk_rope_head_dim * elt + scales
 
     def nbytes(self) -> int:

@@ -33,8 +33,8 @@ Kernels (grid axes in brackets):
   one program own each dkv row.
 
 Left out: FP8 inputs, paged caches (the cache is one dense (B, S, C) tensor), tuned launch
-configurations (the block sizes below are reasoned, not measured — no GPU was available when
-this was written), and duplicate slots within one query's indices (each copy counts, as in
+configurations (the block sizes below are chosen from the tile shapes, not autotuned), and
+duplicate slots within one query's indices (each copy counts, as in
 `sparse_mla_torch`; the masked reference counts a slot once). Slots must be < S; they are not
 range-checked (that would cost a host sync).
 

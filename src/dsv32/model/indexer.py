@@ -13,7 +13,8 @@ time (`select(..., topk=)`, default `config.index_topk`), so another k needs no 
 
 Deployment numerics (`fp8=True`): a Hadamard rotation of qI and kI (orthogonal, dot products
 unchanged in exact arithmetic) then FP8-e4m3 quantise-dequantise with power-of-two scales per
-128-wide block, as production does; scores are then computed from the dequantised values.
+128-wide block (`dsv32.fp8`), as production does; scores are then computed from the dequantised
+values.
 
 Slots versus positions: keys are addressed by *slot* (their index along S); causality is by
 slot, so with left padding slots and RoPE positions differ (see `kernels/torch_indexer.py`).
@@ -27,13 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from .. import fp8, kernels
 from ..config import ModelConfig
 from ..kernels import allowed_keys, index_scores  # noqa: F401  (the DSA losses import them from here)
 from .norms import Float32Linear
 from .rope import apply_rope_half
 
-_FP8_MAX = 448.0                   # largest finite float8_e4m3fn
 
 
 def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -44,20 +44,6 @@ def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h / math.sqrt(n)
-
-
-def fp8_e4m3_roundtrip(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Quantise to FP8 e4m3 with one power-of-two scale per `block` elements of the last dim,
-    then dequantise (float32)."""
-    d = x.shape[-1]
-    block = min(block, d)
-    if d % block:
-        raise ValueError(f"last dim {d} must be a multiple of the FP8 block {block}")
-    xb = x.float().reshape(*x.shape[:-1], d // block, block)
-    amax = xb.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / _FP8_MAX)))
-    q = (xb / scale).to(torch.float8_e4m3fn).float()
-    return (q * scale).reshape(x.shape)
 
 
 class Indexer(nn.Module):
@@ -95,7 +81,7 @@ class Indexer(nn.Module):
         if not self.fp8:
             return t
         h = hadamard_matrix(self.head_dim, device=t.device)
-        return fp8_e4m3_roundtrip(t @ h)
+        return fp8.roundtrip(t @ h)
 
     # -------------------------------------------------------------------------------
     def select(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_start: int = 0,

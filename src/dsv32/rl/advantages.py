@@ -17,63 +17,33 @@ import torch
 Metrics = dict[str, torch.Tensor]
 
 
-def group_advantages(
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor | None = None,
-    *,
-    scale_by_std: bool = False,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, Metrics]:
+def group_advantages(rewards: torch.Tensor, *, scale_by_std: bool = False,
+                     eps: float = 1e-6) -> tuple[torch.Tensor, Metrics]:
     """Advantages relative to each prompt's group of samples.
 
-    rewards: (N, G), one row per prompt; or (B,) with `group_ids` (B,) integer labels saying
-        which prompt each sample belongs to (any labels, any order; groups may differ in size,
-        e.g. when the sampler dropped a failed generation).
+    rewards: (N, G), one row per prompt, G samples each.
     scale_by_std: divide by the group's population std (+ eps). Population rather than sample
         std, so that scaled advantages have unit mean square within every group whatever G is.
     eps: keeps groups whose rewards are all equal finite (their advantages are 0 either way).
 
-    Returns advantages with the shape of `rewards` (float32 unless rewards are float64) and
-    metrics (detached 0-dim tensors): `zero_std_frac`, the fraction of groups whose rewards are
-    all equal and which therefore carry no learning signal, and `reward_std`, the mean
-    within-group reward std.
+    Returns advantages (N, G) (float32 unless rewards are float64) and metrics (detached 0-dim
+    tensors): `zero_std_frac`, the fraction of groups whose rewards are all equal and which
+    therefore carry no learning signal, and `reward_std`, the mean within-group reward std.
     """
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if not rewards.is_floating_point():
         rewards = rewards.float()
-    if group_ids is None:
-        if rewards.ndim != 2:
-            raise ValueError(f"rewards must be (N_prompts, G) when group_ids is None, got shape {tuple(rewards.shape)}")
-        G = rewards.shape[1]
-        if G < 2:
-            raise ValueError(f"group size G must be >= 2 (an advantage is a deviation from the group mean), got G={G}")
-        mean_n = rewards.mean(dim=1)                                    # (N,)
-        std_n = rewards.std(dim=1, correction=0)                        # (N,)
-        constant_n = rewards.amax(dim=1) == rewards.amin(dim=1)         # (N,)
-        mean, std = mean_n[:, None], std_n[:, None]                     # (N, 1), broadcast over G
-    else:
-        if rewards.ndim != 1 or group_ids.shape != rewards.shape:
-            raise ValueError(
-                f"with group_ids, rewards and group_ids must both be (B,), got {tuple(rewards.shape)} "
-                f"and {tuple(group_ids.shape)}")
-        _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-        # A host sync, acceptable here: advantages are computed once per batch, off the hot path.
-        G = int(counts.min())
-        if G < 2:
-            raise ValueError(
-                f"group size G must be >= 2 in every group (an advantage is a deviation from the group "
-                f"mean), but the smallest group has G={G}")
-        n = counts.to(rewards.dtype)                                    # (N,)
-        mean_n = torch.zeros_like(n).index_add_(0, inverse, rewards) / n
-        std_n = (torch.zeros_like(n).index_add_(0, inverse, (rewards - mean_n[inverse]) ** 2) / n).sqrt()
-        hi = torch.full_like(n, -torch.inf).scatter_reduce_(0, inverse, rewards, "amax")
-        lo = torch.full_like(n, torch.inf).scatter_reduce_(0, inverse, rewards, "amin")
-        constant_n = hi == lo                                           # (N,)
-        mean, std = mean_n[inverse], std_n[inverse]                     # (B,)
-    adv = rewards - mean
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be (N_prompts, G), got shape {tuple(rewards.shape)}")
+    G = rewards.shape[1]
+    if G < 2:
+        raise ValueError(f"group size G must be >= 2 (an advantage is a deviation from the group mean), got G={G}")
+    std_n = rewards.std(dim=1, correction=0)                            # (N,)
+    constant_n = rewards.amax(dim=1) == rewards.amin(dim=1)             # (N,)
+    adv = rewards - rewards.mean(dim=1, keepdim=True)                   # (N, G)
     if scale_by_std:
-        adv = adv / (std + eps)
+        adv = adv / (std_n[:, None] + eps)
     # Compared exactly (max == min) rather than std == 0: the float mean of equal rewards can be
     # off by an ulp, leaving a tiny non-zero std.
     metrics = {"zero_std_frac": constant_n.float().mean(), "reward_std": std_n.mean()}

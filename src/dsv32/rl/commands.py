@@ -19,25 +19,16 @@ folder, or a preset name for random weights).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cli import add_config_flags, config_from_args
 from .grpo import GRPOConfig
 from .losses import AGGREGATIONS, KL_ESTIMATORS
 from .sft import SCHEDULES, SFTConfig
 
 _CHOICES = {"kl_estimator": KL_ESTIMATORS, "aggregation": AGGREGATIONS, "schedule": SCHEDULES}
-
-
-def _float_or_none(text: str) -> float | None:
-    if text.lower() in ("none", "null", "off"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -48,24 +39,6 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field, typed by its default, with its default and help text."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        elif f.name == "delta":
-            parser.add_argument(flag, type=_float_or_none, default=f.default, metavar="DELTA|none", help=text)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=_CHOICES.get(f.name),
-                                help=text)
-
-
-def _config_from(args: argparse.Namespace, cls: type):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -113,9 +86,10 @@ def _datasets(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from ..cli import UserError, _tokenizer_for, load_model
+    from ..cli import UserError, load_model
+    from ..tokenizer import tokenizer_for_model
     model = load_model(args.model, seed=args.seed)
-    tokenizer = _tokenizer_for(args.model, args.tokenizer)
+    tokenizer = tokenizer_for_model(args.model, args.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
                         f"{model.config.vocab_size}")
@@ -126,7 +100,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from .rollout import greedy_accuracy
     from .sft import train_sft
     _require(args, "model", "out")
-    config = _config_from(args, SFTConfig)
+    config = config_from_args(args, SFTConfig)
     train, held_out = _datasets(args)
     model, tokenizer = _load(args)
     out = Path(args.out)
@@ -152,7 +126,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     from .rewards import RewardError, load_reward, task_reward
     from .state import latest_checkpoint, read_metrics
     _require(args, "model", "out")
-    config = _config_from(args, GRPOConfig)
+    config = config_from_args(args, GRPOConfig)
     train, held_out = _datasets(args)
     rewards = [load_reward(spec) for spec in args.reward] if args.reward else [task_reward(args.task)]
     if config.eval_every and not held_out:
@@ -184,7 +158,7 @@ def register(verb: Callable[[str, str, Callable], argparse.ArgumentParser]) -> N
     p = verb("sft", "supervised warm start on a task's prompt -> answer examples (loss on the answers only)",
              _cmd_sft)
     _add_data_flags(p)
-    _add_config_flags(p, SFTConfig)
+    add_config_flags(p, SFTConfig, choices=_CHOICES)
 
     p = verb("grpo", "GRPO fine-tuning with the V3.2 stabilisers on a verifiable task; resumes from --out",
              _cmd_grpo)
@@ -192,4 +166,4 @@ def register(verb: Callable[[str, str, Callable], argparse.ArgumentParser]) -> N
     p.add_argument("--reward", action="append", default=[],
                    help="reward 'task:NAME' or 'package.module:function' (prompt, completion, example) -> float; "
                         "repeat to sum several (default: the --task exact-match reward)")
-    _add_config_flags(p, GRPOConfig)
+    add_config_flags(p, GRPOConfig, choices=_CHOICES)

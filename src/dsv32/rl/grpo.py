@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ import torch
 from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
 from ..training.tasks import Example
+from ..validation import check_bool, check_choice, check_int, check_number, is_number, require
 from .advantages import group_advantages
 from .datasets import PromptSampler
 from .losses import AGGREGATIONS, KL_ESTIMATORS, grpo_loss
@@ -70,19 +70,6 @@ from .state import MetricsLog, load_state, progress, save_state
 def _opt(default: Any, help: str) -> Any:
     """A config field with the help text the command line shows (`dsv32.rl.commands`)."""
     return field(default=default, metadata={"help": help})
-
-
-def _check(name: str, ok: bool, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -122,31 +109,26 @@ class GRPOConfig:
         for name, low in (("steps", 1), ("prompts_per_step", 1), ("group_size", 2), ("max_new_tokens", 1),
                           ("top_k", 0), ("ppo_epochs", 1), ("minibatches", 1), ("checkpoint_every", 0),
                           ("keep_checkpoints", 1), ("eval_every", 0), ("seed", 0)):
-            value = getattr(self, name)
-            _check(name, _is_int(value) and value >= low, f"an integer >= {low}", value)
+            check_int(name, getattr(self, name), low)
         B = self.prompts_per_step * self.group_size
-        _check("minibatches", self.minibatches <= B,
-               f"<= prompts_per_step * group_size = {B} (each mini-batch needs a sequence)", self.minibatches)
-        _check("temperature", _is_number(self.temperature) and self.temperature > 0,
-               "> 0 (GRPO samples; greedy decoding has no policy gradient)", self.temperature)
-        _check("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 = off)", self.top_p)
+        require(self.minibatches <= B, "minibatches",
+                f"<= prompts_per_step * group_size = {B} (each mini-batch needs a sequence)", self.minibatches)
+        check_number("temperature", self.temperature, 0, low_open=True,
+                     note="GRPO samples; greedy decoding has no policy gradient")
+        check_number("top_p", self.top_p, 0, 1, low_open=True, note="1 = off")
         for name in ("lr", "grad_clip"):
-            value = getattr(self, name)
-            _check(name, _is_number(value) and value > 0, "a number > 0", value)
+            check_number(name, getattr(self, name), 0, low_open=True)
         for name in ("weight_decay", "beta"):
-            value = getattr(self, name)
-            _check(name, _is_number(value) and value >= 0, "a number >= 0", value)
+            check_number(name, getattr(self, name), 0)
         for name in ("eps_low", "eps_high"):
-            value = getattr(self, name)
-            _check(name, _is_number(value) and 0 < value < 1, "in (0, 1)", value)
-        _check("delta", self.delta is None or (_is_number(self.delta) and self.delta > 0),
-               "> 0, or None to switch the off-policy mask off", self.delta)
-        _check("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}", self.kl_estimator)
-        _check("aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}", self.aggregation)
-        _check("failure_reward", _is_number(self.failure_reward), "a finite number", self.failure_reward)
+            check_number(name, getattr(self, name), 0, 1, low_open=True, high_open=True)
+        require(self.delta is None or (is_number(self.delta) and self.delta > 0), "delta",
+                "> 0, or None to switch the off-policy mask off", self.delta)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_number("failure_reward", self.failure_reward)
         for name in ("sampler_fp8_cache", "scale_by_std", "keep_routing", "keep_sampling_mask"):
-            value = getattr(self, name)
-            _check(name, isinstance(value, bool), "true or false", value)
+            check_bool(name, getattr(self, name))
 
 
 def _rng(seed: int, step: int, purpose: str) -> int:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
 from ..training.tasks import Example
+from ..validation import check_choice, check_int, check_number
 from .datasets import PromptSampler, encode_prompt
 from .state import MetricsLog, progress
 
@@ -50,16 +51,10 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, low_ok in (("lr", False), ("grad_clip", False), ("weight_decay", True)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not (value >= 0 if low_ok else value > 0):
-                raise ValueError(f"{name} must be a number {'>= 0' if low_ok else '> 0'}, got {value!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            check_int(name, getattr(self, name), low)
+        for name, low_open in (("lr", True), ("grad_clip", True), ("weight_decay", False)):
+            check_number(name, getattr(self, name), 0, low_open=low_open)
+        check_choice("schedule", self.schedule, SCHEDULES)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update `step` (1-based)."""

@@ -6,7 +6,9 @@
     dsv32 eval --model runs/sparse --lengths 512,1024,2048 --out runs/sparse/eval
 
 `register(subparsers, verb)` adds them; cli.py calls it from `build_parser`. Every verb takes
-`--config FILE` (handled by cli.py). A run folder holds `metrics.jsonl` and `checkpoints/`;
+`--config FILE` (handled by cli.py). The training settings of pretrain and sparsify are the
+fields of `TrainConfig`, one flag each (`cli.add_config_flags`; `--bias-gamma` and `--keep`
+are the short names of bias_update_gamma and keep_checkpoints), with each verb's own defaults. A run folder holds `metrics.jsonl` and `checkpoints/`;
 `--init`/`--model` accept a run folder (its latest checkpoint) or any HF-layout folder.
 `--resume` continues the run in `--out` from its latest checkpoint (or from a given one).
 
@@ -29,11 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..cli import add_config_flags, config_from_args, load_model, resolve_model_dir
 from ..config import ModelConfig
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import ByteTokenizer
-from .checkpointing import LocalCheckpointer
 from .data import PackedSequences, read_documents, split_documents, stdlib_documents
 from .distributed import init_distributed, shard_model
 from .dsa import IndexerWarmup, SparseTraining, selection_report
@@ -63,7 +64,22 @@ def _data_flags(p: argparse.ArgumentParser, seq_len: int) -> None:
     g.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on corpus bytes read (default 4e6)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of documents")
     g.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
-    g.add_argument("--seed", type=int, default=0)
+
+
+# TrainConfig's fields are flags of the same names; two keep the shorter names they had first,
+# and `lr_overrides` is set by the verb (sparsify's --indexer-lr).
+_TRAIN_ALIASES = {"bias_update_gamma": ["--bias-gamma"], "keep_checkpoints": ["--keep"]}
+_TRAIN_HELP = {
+    "steps": "optimizer steps in the whole run", "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step", "lr": "peak learning rate",
+    "warmup_steps": "linear warm-up steps", "min_lr_ratio": "cosine floor, as a fraction of the peak",
+    "weight_decay": "AdamW weight decay", "betas": "AdamW betas", "eps": "AdamW eps",
+    "grad_clip": "global grad-norm clip (0 = off)", "bias_update_gamma": "router bias update speed (0 = off)",
+    "bf16": "bf16 autocast (CUDA only)", "activation_checkpointing": "recompute blocks in backward",
+    "seed": "seeds the weights, the data order and the trainer", "log_every": "steps between log lines",
+    "save_every": "checkpoint cadence (0 = only at the end)", "keep_checkpoints": "checkpoints to keep",
+    "eval_every": "held-out evaluation cadence (0 = off)", "progress": "progress bar",
+}
 
 
 def _train_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: int) -> None:
@@ -72,32 +88,18 @@ def _train_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: i
     g.add_argument("--task-fraction", type=float, default=0.25,
                    help="share of sequences that are retrieval examples (default 0.25)")
     g.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
-    g.add_argument("--steps", type=int, default=steps)
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    g.add_argument("--warmup-steps", type=int, default=warmup)
-    g.add_argument("--min-lr-ratio", type=float, default=0.1)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0 = off)")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--eval-every", type=int, default=0, help="held-out evaluation cadence (0 = off)")
     g.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences per evaluation")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint cadence (0 = only at the end)")
-    g.add_argument("--keep", type=int, default=1, help="checkpoints to keep")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
     g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after this step with a checkpoint (continue later with --resume)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(g, TrainConfig, defaults={"steps": steps, "lr": lr, "warmup_steps": warmup},
+                     aliases=_TRAIN_ALIASES, help=_TRAIN_HELP, exclude=("lr_overrides",))
 
 
 def _moe_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MoE and MTP")
-    g.add_argument("--bias-gamma", type=float, default=1e-3, help="router bias update speed (0 = off)")
     g.add_argument("--balance-alpha", type=float, default=0.0, help="sequence-wise balance loss weight")
     g.add_argument("--mtp-weight", type=float, default=0.0, help="MTP loss weight (needs MTP layers)")
 
@@ -135,6 +137,7 @@ def register(verb: Verb) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--plot-layer", type=int, default=-1, help="layer of the selection picture (default last)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
     _data_flags(p, 1024)
 
 
@@ -171,36 +174,8 @@ def _held_out(args: argparse.Namespace, val_docs, n: int) -> torch.Tensor:
     return PackedSequences(val_docs, ByteTokenizer(), args.seq_len, shuffle=False).next_batch(n)
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A folder with config.json, or a run folder -> its latest checkpoint."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = LocalCheckpointer(path / "checkpoints").latest()
-    if latest is None:
-        raise ValueError(f"{path} is neither a checkpoint folder (no config.json) nor a run folder with checkpoints")
-    return latest
-
-
-def load_model(path: str | Path, device: str, topk: int | None = None) -> DSV32ForCausalLM:
-    """Load a checkpoint (or a run's latest), optionally with another index_topk."""
-    folder = resolve_model_dir(path)
-    model = load_pretrained(folder)
-    if topk is not None and topk != model.config.index_topk:
-        weights = model.state_dict()
-        model = DSV32ForCausalLM(model.config.replace(index_topk=topk), init=False)
-        model.load_state_dict(weights)
-    return model.to(device)
-
-
 def _train_config(args: argparse.Namespace, lr_overrides: dict[str, float] | None = None) -> TrainConfig:
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                       lr_overrides=lr_overrides or {}, warmup_steps=args.warmup_steps,
-                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       bias_update_gamma=args.bias_gamma, bf16=args.bf16,
-                       activation_checkpointing=args.activation_checkpointing, seed=args.seed,
-                       log_every=args.log_every, save_every=args.save_every, keep_checkpoints=args.keep,
-                       eval_every=args.eval_every, progress=not args.no_progress)
+    return config_from_args(args, TrainConfig, lr_overrides=lr_overrides or {})
 
 
 def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_with: AttentionOptions,
@@ -258,7 +233,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     _require(args, "stage", "init", "out")
     if args.stage not in ("warmup", "sparse"):    # a --config value escapes argparse's choices
         raise ValueError(f"--stage must be 'warmup' or 'sparse', got {args.stage!r}")
-    model = load_model(args.init, args.device, args.topk)
+    model = load_model(args.init, device=args.device, topk=args.topk)
     if args.stage == "warmup":
         objective = IndexerWarmup()
         attention = AttentionOptions(sparse=False)
@@ -275,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.attention not in ("dense", "sparse", "both"):
         raise ValueError(f"--attention must be 'dense', 'sparse' or 'both', got {args.attention!r}")
     check_retrieval_tasks(args.tasks)
-    model = load_model(args.model, args.device, args.topk).eval()
+    model = load_model(args.model, device=args.device, topk=args.topk).eval()
     _check_seq_len(args.seq_len, model.config)
     _, val_docs = _documents(args)
     held_out = _held_out(args, val_docs, args.eval_sequences)

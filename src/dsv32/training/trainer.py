@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..model import DSV32ForCausalLM
+from ..validation import check_int, check_number, is_number, require
 from .checkpointing import Checkpointer
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, checkpointer_for, local_batch
 from .metrics import MetricsLog, Progress
@@ -84,24 +85,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        ints = {"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "log_every": 1,
-                "save_every": 0, "keep_checkpoints": 1, "eval_every": 0}
-        for name, low in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name, low in {"steps": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "log_every": 1,
+                          "save_every": 0, "keep_checkpoints": 1, "eval_every": 0}.items():
+            check_int(name, getattr(self, name), low)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        require(len(self.betas) == 2 and all(is_number(b) and 0.0 <= b < 1.0 for b in self.betas), "betas",
+                "two numbers in [0, 1)", self.betas)
         for name in ("weight_decay", "grad_clip", "bias_update_gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_number(name, getattr(self, name), 0)
         for key, value in self.lr_overrides.items():
-            if not isinstance(key, str) or not key or not value > 0:
-                raise ValueError(f"lr_overrides must map name substrings to learning rates > 0, got {key!r}: {value!r}")
+            require(isinstance(key, str) and bool(key) and is_number(value) and value > 0, "lr_overrides",
+                    "a map of name substrings to learning rates > 0", {key: value})
 
     def run_settings(self) -> dict[str, Any]:
         """The fields a resumed run must share with its checkpoint."""

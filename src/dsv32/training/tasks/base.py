@@ -1,4 +1,5 @@
-"""What every synthetic task shares: the `Example` record, exact-match scoring, argument checks.
+"""What every synthetic task shares: the `Example` record, exact-match scoring; task makers check
+their arguments with `dsv32.validation.check_int` (re-exported here).
 
 Scoring is strict on purpose — these rewards drive evaluation and RL, where a lenient parser
 is reward-hacked first. A completion is compared after `normalise_completion`, which forgives
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...tokenizer import ByteTokenizer
+from ...validation import check_int  # re-exported: the task makers' argument check
 
 __all__ = ["Example", "normalise_completion", "score_exact", "check_int"]
 
@@ -44,10 +46,3 @@ def normalise_completion(completion: str) -> str:
 def score_exact(example: Example, completion: str) -> float:
     """1.0 when the normalised completion equals the reference answer, else 0.0."""
     return 1.0 if normalise_completion(completion) == example.answer else 0.0
-
-
-def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    """Raise ValueError naming `name` unless `value` is an int (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
