@@ -1,4 +1,4 @@
-"""Every code block of README.md works as written.
+"""Every code block of README.md works as written, and the docs point only at what exists.
 
 * Each ```python block runs on its own, in a fresh interpreter and an empty folder (the blocks
   use the `tiny` preset and small step counts, so they are quick as written).
@@ -8,6 +8,9 @@
   replaced by a recorder; then the commands listed in `_SHRINK` run for real, in README order
   and in one folder (so `sft` then `grpo --model runs/sft` chain as in the README), with
   flags appended that shrink them to seconds (argparse keeps the last value of a flag).
+
+The docs (README.md and docs/*.md) link only to files inside the repository, anchors included,
+and every `dsv32.…` name written in docs/ imports, so a rename in the code shows up here.
 
 The placeholders of the README are real files here: `CKPT` and `SRC` are a saved `tiny`
 checkpoint, `grpo.json` holds the keys its comment shows, and `configs/` is the repository's.
@@ -20,6 +23,7 @@ keys: those are parsed only.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -172,3 +176,52 @@ def test_bash_block_commands(line, body, workdir, monkeypatch, capsys):
             pytest.fail(f"README.md, bash block at line {line}: `dsv32 {shlex.join(argv)}` fails when run "
                         f"as `dsv32 {shlex.join(run)}` in {workdir} (exit {code}):\n"
                         f"{(out.out + out.err)[-3000:]}", pytrace=False)
+
+
+# ------------------------------------------------------------------------------- docs
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """The anchor a Markdown renderer gives a heading: lower case, punctuation dropped, spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = _FENCE.sub("", path.read_text())
+    return {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_links_stay_inside_the_repository(doc):
+    for target in _LINK.findall(_FENCE.sub("", doc.read_text())):
+        where, _, anchor = target.partition("#")
+        path = (doc.parent / where).resolve() if where else doc
+        assert "://" not in where and ROOT in path.parents or path == ROOT, \
+            f"{doc.relative_to(ROOT)} links outside the repository: {target}"
+        assert path.exists(), f"{doc.relative_to(ROOT)} links to a missing file: {target}"
+        if anchor:
+            assert anchor in _anchors(path), f"{doc.relative_to(ROOT)} links to a missing heading: {target}"
+
+
+def _resolve(name: str) -> bool:
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("doc", DOCS[1:], ids=[str(d.relative_to(ROOT)) for d in DOCS[1:]])
+def test_docs_name_code_that_exists(doc):
+    names = set(re.findall(r"`(dsv32(?:\.\w+)+)", doc.read_text()))
+    missing = sorted(n for n in names if not _resolve(n))
+    assert names and not missing, f"{doc.relative_to(ROOT)} names code that does not exist: {missing}"
