@@ -1,4 +1,4 @@
-"""The lightning indexer and top-k token selection of DeepSeek Sparse Attention (SPEC §2).
+"""The lightning indexer and top-k token selection of DeepSeek Sparse Attention (docs/math.md §4-5).
 
     qI = W_Iq c_q -> (B, T, H_I, d_I)          kI = LayerNorm(W_Ik x) -> (B, S, d_I)
     w  = W_Iw x * H_I^-0.5 (float32)           RoPE (half-split) on the first d_r dims of qI, kI
@@ -7,7 +7,7 @@
 
 Scores are computed one block of queries at a time, so selection needs O(block·S) memory,
 never T×S, and keys past the block's last query are never scored. The optional extension of
-SPEC §2 forces the last `window` and first `sink` tokens into every set, on top of the
+docs/math.md §5 forces the last `window` and first `sink` tokens into every set, on top of the
 indexer's k (they are excluded from the top-k so no slot is selected twice).
 
 Deployment numerics (`fp8=True`): a Hadamard rotation of qI and kI (orthogonal, dot products
