@@ -225,3 +225,10 @@ def test_docs_name_code_that_exists(doc):
     names = set(re.findall(r"`(dsv32(?:\.\w+)+)", doc.read_text()))
     missing = sorted(n for n in names if not _resolve(n))
     assert names and not missing, f"{doc.relative_to(ROOT)} names code that does not exist: {missing}"
+
+
+def test_nothing_points_at_the_spec_outside_the_repository():
+    files = [*DOCS, *sorted((ROOT / "src").rglob("*.py"))]
+    stale = [f"{f.relative_to(ROOT)}:{n}" for f in files
+             for n, line in enumerate(f.read_text().splitlines(), 1) if re.search(r"\bSPEC\b|shared/SPEC", line)]
+    assert not stale, f"these lines send readers to the SPEC outside the repository (use docs/math.md): {stale}"
