@@ -129,7 +129,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """Attention scale `(d_n+d_r)^-0.5 * m^2` with YaRN's `m` (SPEC section 1)."""
+        """Attention scale `(d_n+d_r)^-0.5 * m^2` with YaRN's `m` (docs/math.md §2)."""
         scale = self.qk_head_dim ** -0.5
         if self.rope_scaling and self.rope_scaling.get("rope_type") == "yarn":
             mscale_all_dim = self.rope_scaling.get("mscale_all_dim") or 0.0

@@ -4,7 +4,7 @@
     2. pretrain it dense on the default corpus (the Python stdlib's source) mixed with
        long-context retrieval tasks;
     3. convert it to sparse attention: indexer warm-up (dense, KL to the attention), then
-       sparse training with top-k = T/8 (SPEC §4);
+       sparse training with top-k = T/8 (docs/math.md §8);
     4. evaluate dense vs sparse on held-out text and the retrieval tasks, with the indexer's
        recall before/after warm-up and after sparse training, and draw the causal mask beside
        the indexer's actual selection;

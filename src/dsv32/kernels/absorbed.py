@@ -1,4 +1,4 @@
-"""Absorbed MLA around a sparse attention kernel: absorb -> attend -> un-absorb (SPEC §1).
+"""Absorbed MLA around a sparse attention kernel: absorb -> attend -> un-absorb (docs/math.md §3).
 
     q_lat = [q_n W_uk ; q_r]   (B, T, H, C)    C = r + d_r: the query in latent space
     o     = attend(q_lat, kv, indices)          (B, T, H, r)  over the selected latent rows

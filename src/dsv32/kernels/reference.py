@@ -8,7 +8,7 @@ Sparse attention (absorbed / MQA form, one latent KV head shared by all query he
     out      (B, T, H, Dv)   Dv = r_kv: attention-weighted sum of c_kv
     lse      (B, T, H)       log-sum-exp of the scaled scores (-inf for a query with no keys)
 
-Top-k selection by the lightning indexer (SPEC §2), one indexer key head shared by its heads:
+Top-k selection by the lightning indexer (docs/math.md §4-5), one indexer key head shared by its heads:
 
     q        (B, T, H_I, d_I) indexer queries      w (B, T, H_I) head weights, scales folded in
     k        (B, S, d_I)      indexer keys         key_valid (B, >=S) bool, False at padding

@@ -1,5 +1,5 @@
 """The lightning indexer's scores and top-k selection in plain torch (CPU and GPU), shapes and
-semantics those of `reference.select_topk_reference` (SPEC §2).
+semantics those of `reference.select_topk_reference` (docs/math.md §4-5).
 
 Selection order. The selected set is a function of the scores alone: keys are ranked by
 (score descending, key slot ascending), so among equal scores the EARLIER key wins, and -0.0
@@ -13,7 +13,7 @@ codes is exact, needs no tie resolution pass and returns the winners best first.
 
 Scores are computed one block of queries at a time, so selection needs O(block·S) memory,
 never T×S, and keys past the block's last query are never scored. The optional extension of
-SPEC §2 forces the last `window` and first `sink` tokens into every set, on top of the
+docs/math.md §5 forces the last `window` and first `sink` tokens into every set, on top of the
 indexer's k (they are excluded from the top-k so no slot is selected twice).
 
 Slots versus positions: keys are addressed by *slot* (their index along S). A query block

@@ -1,4 +1,4 @@
-"""The lightning indexer's scores fused with a two-stage top-k selection, in Triton (SPEC §2).
+"""The lightning indexer's scores fused with a two-stage top-k selection, in Triton (docs/math.md §4-5).
 
     q          (B, T, H_I, d_I)  indexer queries (float16, bfloat16 or float32)
     w          (B, T, H_I)       float32 head weights, every scale already folded in

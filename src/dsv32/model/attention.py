@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention with DeepSeek Sparse Attention (SPEC §1-2).
+"""Multi-head Latent Attention with DeepSeek Sparse Attention (docs/math.md §3-5).
 
 Shape legend: B batch, T queries, S keys (cache + new), H heads, r = kv_lora_rank,
 d_n / d_r / d_v = nope / rope / value head dims, C = r + d_r (one latent row [c_kv ; k_r]).

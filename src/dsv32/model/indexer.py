@@ -1,4 +1,4 @@
-"""The lightning indexer of DeepSeek Sparse Attention (SPEC §2): its projections and numerics.
+"""The lightning indexer of DeepSeek Sparse Attention (docs/math.md §4-5): its projections and numerics.
 
     qI = W_Iq c_q -> (B, T, H_I, d_I)          kI = LayerNorm(W_Ik x) -> (B, S, d_I)
     w  = W_Iw x * H_I^-0.5 (float32)           RoPE (half-split) on the first d_r dims of qI, kI

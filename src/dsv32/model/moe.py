@@ -1,4 +1,4 @@
-"""DeepSeekMoE (SPEC §3): sigmoid router with group-limited top-k and a selection-only bias,
+"""DeepSeekMoE (docs/math.md §6): sigmoid router with group-limited top-k and a selection-only bias,
 routed SwiGLU experts, shared experts, and the dense SwiGLU MLP of the first layers.
 
     s  = sigmoid(x W_g^T) (float32);  s' = s + e_score_correction_bias (selection only)

@@ -2,7 +2,7 @@
 
 * MLA rotates its `d_r` rope dims in **interleaved** pairs `(x0, x1), (x2, x3), ...`.
 * The lightning indexer rotates the first `d_r` dims of its query/key **half-split**
-  (`x[:d/2]` pairs with `x[d/2:]`). Interleaving it there is a known upstream bug (SPEC §2).
+  (`x[:d/2]` pairs with `x[d/2:]`). Interleaving it there is a known upstream bug (docs/math.md §2).
 
 Both use the same frequencies and the same YaRN `attention_factor` on cos/sin. The YaRN
 details (correction range with floor/ceil unless `truncate` is false, the linear ramp, the

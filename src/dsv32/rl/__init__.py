@@ -1,4 +1,4 @@
-"""GRPO with the DeepSeek-V3.2 stabilisers (SPEC §5): pure loss pieces, and the loop that
+"""GRPO with the DeepSeek-V3.2 stabilisers (docs/math.md §10): pure loss pieces, and the loop that
 composes them.
 
     advantages  group_advantages

@@ -1,4 +1,4 @@
-"""Group-relative advantages for GRPO (SPEC §5).
+"""Group-relative advantages for GRPO (docs/math.md §10).
 
 Shape legend: N prompts, G sampled outputs per prompt, B = N*G sequences.
 

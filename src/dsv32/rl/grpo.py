@@ -1,4 +1,4 @@
-"""The GRPO loop with the DeepSeek-V3.2 stabilisers (SPEC §5).
+"""The GRPO loop with the DeepSeek-V3.2 stabilisers (docs/math.md §10).
 
 Each step:
 

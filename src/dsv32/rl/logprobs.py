@@ -1,4 +1,4 @@
-"""Token log-probabilities and entropies, optionally restricted to a kept token set (SPEC §5,
+"""Token log-probabilities and entropies, optionally restricted to a kept token set (docs/math.md §10,
 "keep sampling mask").
 
 Shape legend: B sequences, T positions, V vocabulary, K the most tokens kept at one position,

@@ -1,4 +1,4 @@
-"""The GRPO objective with the V3.2 stabilisers, as small pure functions (SPEC §5).
+"""The GRPO objective with the V3.2 stabilisers, as small pure functions (docs/math.md §10).
 
 Shape legend: B sequences (G per prompt, all prompts together), T positions. Every per-token
 input is (B, T) and aligned: logp[i, t] is log pi_theta of the token at position t of o_i
@@ -199,7 +199,7 @@ def grpo_loss(
     logits: torch.Tensor | None = None,
     kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """The GRPO loss -J (SPEC §5) to minimise, with every stabiliser switchable.
+    """The GRPO loss -J (docs/math.md §10) to minimise, with every stabiliser switchable.
 
     logp (B, T): log pi_theta, differentiable; logp_old (B, T): the sampler's log-probs;
     advantages (B,); mask (B, T) marks output tokens; logp_ref (B, T): the reference policy,

@@ -1,5 +1,5 @@
 """The training forward pass of GRPO: log-probs of the sampled completions under a model,
-replaying what the sampler recorded (SPEC §5, "keep routing" and "keep sampling mask").
+replaying what the sampler recorded (docs/math.md §10, "keep routing" and "keep sampling mask").
 
 Shapes as in `dsv32.rl.rollout`: B sequences, P prompt width, N completion width, V vocabulary.
 

@@ -113,7 +113,8 @@ def register(verb: Verb) -> None:
     _train_flags(p, steps=1000, lr=3e-3, warmup=50)
     _moe_flags(p)
 
-    p = verb("sparsify", "DSA continued training: indexer warm-up, then sparse training (SPEC §4)", cmd_sparsify)
+    p = verb("sparsify", "DSA continued training: indexer warm-up, then sparse training (docs/math.md §8)",
+             cmd_sparsify)
     p.add_argument("--stage", choices=["warmup", "sparse"], help="warmup or sparse; required")
     p.add_argument("--init", help="a run folder or HF-layout checkpoint to start from; required")
     p.add_argument("--topk", type=int, default=None, help="index_topk to train with (default: the model's)")

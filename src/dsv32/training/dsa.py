@@ -1,4 +1,4 @@
-"""Turning a dense model into a sparse one (SPEC §4): the indexer losses of the two stages,
+"""Turning a dense model into a sparse one (docs/math.md §8): the indexer losses of the two stages,
 the recall metric, and the two training objectives.
 
 Shape legend: B batch, T queries, S keys (training is self-attention, S = T), H main heads,
@@ -17,7 +17,7 @@ from the KL restricted to the selected set S_t, both sides renormalised over S_t
     p_S(t, :) = (1/H) sum_h softmax_{s in S_t} score_h(t, s)      (the sparse layer's own attention)
     L_I = mean_t KL( p_S(t, :) || softmax_{s in S_t} I(t, s) )
 
-We average over real queries instead of the SPEC's sum over t, so the learning rate does not
+We average over real queries instead of the paper's sum over t, so the learning rate does not
 depend on batch size and length (sum = mean x number of queries). The losses of all layers
 are summed (each layer's indexer only sees its own).
 
@@ -32,7 +32,7 @@ the indexer under no_grad, so the LM loss never reaches the indexer.
 MTP layers: when the model has them, both stages also run them (dense in the warm-up, sparse in
 stage 2) and train their indexers the same way, on the sequence shifted by the layer's depth;
 their LM loss counts only with `mtp_weight > 0`. Left out: any special treatment of the
-optional window/sink slots of SPEC §2, which count as selected like any other slot.
+optional window/sink slots of docs/math.md §5, which count as selected like any other slot.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The trainer knows nothing about stages; the stages are objectives:
 
 * `LanguageModeling` — pretraining (dense attention by default): next-token loss, optional
   sequence-wise balance loss and MTP loss;
-* `dsa.IndexerWarmup`, `dsa.SparseTraining` — the two DSA conversion stages (SPEC §4).
+* `dsa.IndexerWarmup`, `dsa.SparseTraining` — the two DSA conversion stages (docs/math.md §8).
 
 Left out: distillation or RL objectives (GRPO composes `dsv32.rl` itself).
 """

@@ -1,6 +1,6 @@
 """How parameters change each step: AdamW with decoupled weight decay on matrices only, a
 linear warm-up + cosine learning-rate schedule, and DeepSeekMoE's auxiliary-loss-free router
-bias update (SPEC §3).
+bias update (docs/math.md §6).
 
     lr(step) = peak * (step + 1) / warmup                                  step < warmup
              = peak * (min_ratio + (1 - min_ratio) * (1 + cos(pi * u)) / 2),  u = (step - warmup) / (total - warmup)

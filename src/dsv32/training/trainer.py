@@ -8,7 +8,7 @@ object with `next_batch(n)`, `state_dict()` and `load_state_dict()`, such as
 `PackedSequences` or `MixedSequences`), each passed to the objective; the mean loss is
 back-propagated, gradients are clipped to `grad_clip` (global norm), the learning rate
 follows warm-up + cosine, AdamW steps, and, when the objective trains the main model, the
-router biases move toward balanced expert load (SPEC §3) using the loads of the whole step.
+router biases move toward balanced expert load (docs/math.md §6) using the loads of the whole step.
 
 Resume is exact: a checkpoint holds the model, optimizer, step, data position and the RNG
 states (torch CPU/CUDA, Python, NumPy), so on CPU a resumed run reproduces the losses of an
