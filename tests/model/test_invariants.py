@@ -77,7 +77,7 @@ def test_sparse_gather_equals_dense_reference_forward_and_backward():
     loss_r, grads_r = _loss_and_grads(model, ids, mask, AttentionOptions(sparse=True, form="expanded"))
     torch.testing.assert_close(loss_a, loss_r, atol=1e-6, rtol=0)
     assert grads_a.keys() == grads_r.keys()
-    # Every parameter outside the indexer learns from the LM loss; the indexer does not (SPEC §4).
+    # Every parameter outside the indexer learns from the LM loss; the indexer does not (docs/math.md §8).
     trainable = {n for n, _ in model.named_parameters()}
     assert {n for n in trainable if ".indexer." not in n} == set(grads_a)
     for name in grads_a:

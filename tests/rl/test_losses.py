@@ -211,7 +211,7 @@ def test_delta_is_validated(delta):
 
 # ---------------------------------------------------------------- grpo_loss
 def naive_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, estimator, delta, aggregation):
-    """-J written element by element from SPEC §5, independently of the library's functions."""
+    """-J written element by element from docs/math.md §10, independently of the library's functions."""
     B, T = mask.shape
     seq_terms, total, n_tokens = [], 0.0, 0
     for i in range(B):
