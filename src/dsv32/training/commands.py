@@ -33,7 +33,7 @@ from ..checkpoint import load_pretrained
 from ..config import ModelConfig
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import ByteTokenizer
-from .checkpointing import LocalCheckpointer
+from .checkpointing import CheckpointFolder
 from .data import PackedSequences, read_documents, split_documents, stdlib_documents
 from .distributed import init_distributed, shard_model
 from .dsa import IndexerWarmup, SparseTraining, selection_report
@@ -176,7 +176,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    latest = LocalCheckpointer(path / "checkpoints").latest()
+    latest = CheckpointFolder(path / "checkpoints").latest()
     if latest is None:
         raise ValueError(f"{path} is neither a checkpoint folder (no config.json) nor a run folder with checkpoints")
     return latest
