@@ -39,10 +39,14 @@ def test_grpo_from_a_config_file_then_resume(sft_model, tmp_path, capsys):
     assert main(["grpo", "--config", str(config)]) == 0
     assert "held-out greedy accuracy" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
-    assert (out / "curves.png").is_file() and (out / "checkpoint-000002" / "policy" / "config.json").is_file()
-    assert main(["grpo", "--config", str(config), "--steps", "3", "--no-keep-routing"]) == 0
+    assert (out / "curves.png").is_file() and (out / "checkpoints" / "checkpoint-00000002" / "policy" /
+                                               "config.json").is_file()
+    # A changed stabiliser would continue the old run with other maths: refused, naming it.
+    assert "grpo.keep_routing: True vs False" in _error(capsys, ["grpo", "--config", str(config), "--steps", "3",
+                                                                 "--no-keep-routing"])
+    assert main(["grpo", "--config", str(config), "--steps", "3", "--eval-every", "3"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
-    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000003"]
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-00000003"]
 
 
 def _error(capsys, argv) -> str:

@@ -71,7 +71,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     train_grpo(tiny_policy(), TOKENIZER, data, GRPOConfig(steps=3, **config), reward_fns=digit_reward,
                out_dir=parts, show_progress=False)
     # As if the process died after writing step 3's metrics but before its checkpoint.
-    shutil.rmtree(parts / "checkpoint-000003")
+    shutil.rmtree(parts / "checkpoints" / "checkpoint-00000003")
     resumed = tiny_policy(seed=99)             # resuming overwrites every weight
     history = train_grpo(resumed, TOKENIZER, data, GRPOConfig(steps=4, **config), reward_fns=digit_reward,
                          out_dir=parts, show_progress=False)

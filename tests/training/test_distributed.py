@@ -65,4 +65,4 @@ def test_grpo_runs_sharded_and_resumes_on_one_process(tmp_path):
     run(args + ["--steps", "3"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "g" / "metrics.jsonl")]
     assert steps == [1, 2, 3]
-    assert (tmp_path / "g" / "checkpoint-000003" / "policy" / "model.safetensors").is_file()
+    assert (tmp_path / "g" / "checkpoints" / "checkpoint-00000003" / "policy" / "model.safetensors").is_file()

@@ -112,6 +112,14 @@ def _datasets(args: argparse.Namespace):
     return train, held_out
 
 
+def _run_info(args: argparse.Namespace) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint besides the config dataclass."""
+    return {"model": str(args.model), "tokenizer": args.tokenizer,
+            "data": {"task": args.task, "task_options": args.task_options, "dataset": args.dataset,
+                     "eval_dataset": args.eval_dataset, "train_size": args.train_size, "eval_size": args.eval_size},
+            **({"reward": list(args.reward)} if hasattr(args, "reward") else {})}
+
+
 def _load(args: argparse.Namespace):
     from ..cli import UserError, _tokenizer_for, load_model
     model = load_model(args.model, seed=args.seed)
@@ -138,10 +146,11 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         return f"{greedy_accuracy(model, tokenizer, held_out, max_new_tokens=answer_tokens):.3f}"
 
     print(f"sft: {len(train)} training examples, held-out greedy accuracy before: {accuracy()}")
-    history = train_sft(model, tokenizer, train, config, metrics_path=out / "sft_metrics.jsonl")
+    history = train_sft(model, tokenizer, train, config, out_dir=out, metrics_name="sft_metrics.jsonl",
+                        resume=args.resume, run_info=_run_info(args))
     model.save_pretrained(out)
-    print(f"sft: final loss {history[-1]['loss']:.4f}, held-out greedy accuracy after: {accuracy()}; "
-          f"model written to {out}")
+    done = f"final loss {history[-1]['loss']:.4f}" if history else f"nothing to do, already at step {config.steps}"
+    print(f"sft: {done}, held-out greedy accuracy after: {accuracy()}; model written to {out}")
     return 0
 
 
@@ -150,7 +159,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     from .grpo import train_grpo
     from .plot import plot_curves
     from .rewards import RewardError, load_reward, task_reward
-    from .state import latest_checkpoint, read_metrics
+    from ..training.checkpointing import CheckpointFolder
+    from ..training.metrics import read_metrics
     _require(args, "model", "out")
     config = _config_from(args, GRPOConfig)
     train, held_out = _datasets(args)
@@ -162,7 +172,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     info = init_distributed(str(next(model.parameters()).device))   # torchrun: FSDP2, rank 0 reports
     try:
         history = train_grpo(model, tokenizer, train, config, reward_fns=rewards, out_dir=args.out,
-                             eval_examples=held_out or None, dist=info)
+                             eval_examples=held_out or None, dist=info, run_info=_run_info(args))
     except RewardError as e:
         raise UserError(str(e)) from None
     out = Path(args.out)
@@ -175,7 +185,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         plot_curves({"grpo": read_metrics(out / "metrics.jsonl")}, out / "curves.png")
     else:
         print(f"grpo: nothing to do, the run in {out} already reached step {config.steps}")
-    print(f"grpo: policy in {latest_checkpoint(out) / 'policy'}, metrics in {out / 'metrics.jsonl'}")
+    print(f"grpo: policy in {CheckpointFolder(out / 'checkpoints').latest() / 'policy'}, metrics in "
+          f"{out / 'metrics.jsonl'}")
     return 0
 
 
@@ -185,6 +196,8 @@ def register(verb: Callable[[str, str, Callable], argparse.ArgumentParser]) -> N
              _cmd_sft)
     _add_data_flags(p)
     _add_config_flags(p, SFTConfig)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
 
     p = verb("grpo", "GRPO fine-tuning with the V3.2 stabilisers on a verifiable task; resumes from --out",
              _cmd_grpo)
