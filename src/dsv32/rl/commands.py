@@ -7,6 +7,10 @@ calls `register` once; everything RL-specific about the command line lives here.
                --steps 300 --lr 1e-4 --top-p 0.95 --out runs/grpo
     dsv32 grpo --config grpo.json        # keys: the flag names, e.g. {"group_size": 8, "delta": null}
 
+Both keep a run folder like `pretrain` (`checkpoints/`, a metrics JSONL, the settings check on
+resume of `dsv32.training.checkpointing`): `sft` continues with `--resume` (its `--out` also gets
+the final model in the HF layout), `grpo` resumes whatever run is in `--out`.
+
 Every field of `GRPOConfig` / `SFTConfig` is a flag of the same name (dashes for underscores;
 booleans also as --no-NAME; `--delta none` switches the off-policy mask off). Input that cannot
 work — G < 2, delta <= 0, eps outside (0, 1), an empty dataset, an unknown task — is reported
