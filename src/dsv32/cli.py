@@ -121,15 +121,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A folder with config.json, or a run folder -> its latest checkpoint."""
-    from .training.checkpointing import LocalCheckpointer
+    """A folder with config.json, or a run folder -> its latest checkpoint (a GRPO run's policy)."""
+    from .training.checkpointing import CheckpointFolder
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    latest = LocalCheckpointer(path / "checkpoints").latest()
+    latest = CheckpointFolder(path / "checkpoints").latest()
     if latest is None:
         raise ValueError(f"{path} is neither a checkpoint folder (no config.json) nor a run folder with checkpoints")
-    return latest
+    return latest if (latest / "config.json").is_file() or not (latest / "policy").is_dir() else latest / "policy"
 
 
 def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu", seed: int = 0,

@@ -233,8 +233,11 @@ def _grpo(model: DSV32ForCausalLM, folder: Path, sizes: DemoSizes, seed: int) ->
     tok = ByteTokenizer()
     train, held = train_eval_split("arithmetic", 2000, 16 if sizes is QUICK else 64, seed=seed, options=ARITHMETIC)
     before = greedy_accuracy(model, tok, held, max_new_tokens=4)
+    from .training.checkpointing import CheckpointFolder
+    sft_run = folder / "sft"                   # a stage killed during SFT resumes it
     train_sft(model, tok, train, SFTConfig(steps=sizes.sft_steps, batch_size=32, lr=1e-3, warmup_steps=2,
-                                           seed=seed), metrics_path=folder / "sft_metrics.jsonl")
+                                           seed=seed), out_dir=sft_run, metrics_name="sft_metrics.jsonl",
+              resume=CheckpointFolder(sft_run / "checkpoints").latest() is not None)
     after_sft = greedy_accuracy(model, tok, held, max_new_tokens=4)
     config = GRPOConfig(steps=sizes.grpo_steps, prompts_per_step=16, group_size=4, max_new_tokens=4, lr=3e-5,
                         top_p=0.95, temperature=1.0, ppo_epochs=2, minibatches=2, beta=0.01,

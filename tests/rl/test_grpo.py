@@ -1,5 +1,6 @@
 """The GRPO loop: config checks, metrics, learning on a dense reward, off-policy updates, and a
-resumed run repeating an uninterrupted one exactly."""
+resumed run repeating an uninterrupted one exactly, and resume refusing other settings or another
+model shape."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 
 import pytest
 
+from dsv32 import DSV32ForCausalLM, ModelConfig
 from dsv32.rl import GRPOConfig, plot_curves, read_metrics, train_grpo
 from dsv32.rl.plot import _trailing_mean
 from tests.rl.helpers import TOKENIZER, arithmetic, digit_reward, same_weights, tiny_policy
@@ -71,7 +73,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     train_grpo(tiny_policy(), TOKENIZER, data, GRPOConfig(steps=3, **config), reward_fns=digit_reward,
                out_dir=parts, show_progress=False)
     # As if the process died after writing step 3's metrics but before its checkpoint.
-    shutil.rmtree(parts / "checkpoint-000003")
+    shutil.rmtree(parts / "checkpoints" / "checkpoint-00000003")
     resumed = tiny_policy(seed=99)             # resuming overwrites every weight
     history = train_grpo(resumed, TOKENIZER, data, GRPOConfig(steps=4, **config), reward_fns=digit_reward,
                          out_dir=parts, show_progress=False)
@@ -82,3 +84,26 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
 
     assert strip(read_metrics(parts / "metrics.jsonl")) == strip(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
     assert same_weights(resumed, straight)
+
+
+def test_resume_checks_settings_and_model_shape_and_more_steps_extend(tmp_path):
+    config = dict(checkpoint_every=1, **SMALL)
+    data = arithmetic(4)
+    train_grpo(tiny_policy(), TOKENIZER, data, GRPOConfig(steps=1, **config), reward_fns=digit_reward,
+               out_dir=tmp_path, show_progress=False, run_info={"task": "arithmetic"})
+    changed = GRPOConfig(steps=2, **{**config, "group_size": 2, "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"other settings \(grpo.group_size: 4 vs 2; grpo.lr: 0.003 vs 0.001; "
+                                         r"task: 'arithmetic' vs 'chess'; checkpoint vs now\)"):
+        train_grpo(tiny_policy(), TOKENIZER, data, changed, reward_fns=digit_reward, out_dir=tmp_path,
+                   show_progress=False, run_info={"task": "chess"})
+    deeper = DSV32ForCausalLM(ModelConfig.preset("tiny", index_topk=128, max_position_embeddings=256,
+                                                 num_hidden_layers=3))
+    with pytest.raises(ValueError, match=r"another model config of 'policy' \(.*num_hidden_layers: 2 vs 3") as e:
+        train_grpo(deeper, TOKENIZER, data, GRPOConfig(steps=2, **config), reward_fns=digit_reward,
+                   out_dir=tmp_path, show_progress=False, run_info={"task": "arithmetic"})
+    assert "\n" not in str(e.value) and "size mismatch" not in str(e.value)
+    # More steps (and another checkpoint cadence) continue the finished run.
+    history = train_grpo(tiny_policy(seed=5), TOKENIZER, data, GRPOConfig(steps=2, **{**config, "checkpoint_every": 0}),
+                         reward_fns=digit_reward, out_dir=tmp_path, show_progress=False,
+                         run_info={"task": "arithmetic"})
+    assert [r["step"] for r in history] == [2] and [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]

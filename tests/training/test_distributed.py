@@ -84,7 +84,7 @@ def test_grpo_two_processes_match_one_and_resume_on_one_process(tmp_path):
     for a, b in zip(sharded, single):
         for key in ("reward_mean", "loss", "kl", "ratio_mean", "grad_norm"):
             assert abs(a[key] - b[key]) < TOL, (a["step"], key, a[key], b[key])
-    assert (tmp_path / "g" / "checkpoint-000003" / "policy" / "model.safetensors").is_file()
+    assert (tmp_path / "g" / "checkpoints" / "checkpoint-00000003" / "policy" / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,20 @@ def test_eval_refuses_torchrun_in_one_line(mtp_model, tmp_path):
     ours = [line for line in proc.stderr.splitlines() if "dsv32: error:" in line]
     assert len(ours) == 2 and all("eval runs on one process" in line for line in ours), proc.stderr[-2000:]
     assert "src/dsv32/" not in proc.stderr      # no traceback from our code (torchrun adds its own report)
+
+
+def test_sft_two_processes_match_one_and_resume_at_world_size_one(tmp_path):
+    # A constant schedule after the warm-up, so a 2-step run extended to 4 follows a 4-step run.
+    args = ["sft", "--model", "tiny", "--task", "arithmetic", "--task-options", '{"digits": 1, "ops": "+"}',
+            "--train-size", "64", "--eval-size", "8", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "1",
+            "--schedule", "constant"]
+    run(args + ["--steps", "2", "--out", str(tmp_path / "ws2")], nproc=2)
+    run(args + ["--steps", "4", "--resume", "--out", str(tmp_path / "ws2")])
+    run(args + ["--steps", "4", "--out", str(tmp_path / "ws1")])
+    read = lambda f: {r["step"]: r["loss"] for r in map(json.loads, open(f / "sft_metrics.jsonl"))
+                      if r.get("kind", "train") == "train"}
+    sharded, single = read(tmp_path / "ws2"), read(tmp_path / "ws1")
+    assert sorted(sharded) == sorted(single) == [1, 2, 3, 4]
+    for step in single:
+        assert abs(sharded[step] - single[step]) < TOL, (step, sharded[step], single[step])
+    assert single[4] < single[1]

@@ -45,3 +45,19 @@ def test_language_modeling_with_mtp_and_balance_loss_reaches_every_trained_param
     result.loss.backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == (".indexer." not in name), name
+
+
+def test_loss_mask_counts_only_the_selected_targets():
+    """SFT's loss: the mean cross-entropy over the completion targets only, as F.cross_entropy
+    with ignore_index over the shifted targets computes it."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    counted = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    loss, metrics = lm_loss(logits, ids, attention, loss_mask=counted)
+    targets = torch.where(counted & attention, ids, -100)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), targets.reshape(-1),
+                                                 ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+    assert metrics["tokens"] == 5

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dsv32
-from dsv32.training.checkpointing import STATE_NAME, LocalCheckpointer
+from dsv32.training.checkpointing import STATE_NAME, CheckpointFolder
 from dsv32.training.optim import lr_factor, update_router_bias
 from tests.training.helpers import byte_model, make_trainer
 
@@ -56,7 +56,7 @@ def test_checkpoint_is_an_hf_folder_and_plain_tensors(tmp_path):
 _KILLED_RUN = """
 import sys, time
 from pathlib import Path
-from dsv32.training.checkpointing import LocalCheckpointer
+from dsv32.training.checkpointing import CheckpointFolder
 from tests.training.helpers import make_trainer
 
 out, marker = Path(sys.argv[1]), Path(sys.argv[2])
@@ -66,7 +66,7 @@ def pause_on_second_save(tmp):
         marker.write_text(str(tmp))         # tell the test we are inside the write, then wait for the kill
         time.sleep(600)
 
-ckpt = LocalCheckpointer(out / "checkpoints", during_write=pause_on_second_save)
+ckpt = CheckpointFolder(out / "checkpoints", during_write=pause_on_second_save)
 make_trainer(out, checkpointer=ckpt, save_every=2).fit()
 """
 
@@ -87,7 +87,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    ckpt = LocalCheckpointer(out / "checkpoints")
+    ckpt = CheckpointFolder(out / "checkpoints")
     assert [p.name for p in ckpt.checkpoints()] == ["checkpoint-00000002"]
     dsv32.load_pretrained(ckpt.latest())                             # still loadable
 
@@ -149,7 +149,7 @@ def test_refusals_leave_checkpoints_alone(tmp_path):
     with pytest.raises(ValueError, match="bf16 autocast needs a CUDA device"):
         make_trainer(tmp_path / "other", bf16=True)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-    dsv32.load_pretrained(LocalCheckpointer(tmp_path / "checkpoints").latest())
+    dsv32.load_pretrained(CheckpointFolder(tmp_path / "checkpoints").latest())
 
 
 def test_train_config_names_the_bad_field():

@@ -9,8 +9,9 @@ composes them.
     rewards     RewardScorer, task_reward, load_reward, is_correct, RewardError, RewardWarning
     datasets    task_examples, train_eval_split, load_examples, PromptSampler, encode_prompt
     grpo        GRPOConfig, train_grpo, grpo_update
-    sft         SFTConfig, train_sft, sft_batch                  (warm start)
-    state       save_state, load_state, MetricsLog, read_metrics, progress
+    sft         SFTConfig, train_sft, sft_batch, SupervisedFinetuning   (warm start, an objective of
+                the shared trainer)
+    read_metrics  (from dsv32.training.metrics; checkpoints: dsv32.training.checkpointing)
     plot        plot_curves
     commands    the `dsv32 sft` / `dsv32 grpo` verbs
 """
@@ -24,14 +25,14 @@ from .plot import plot_curves
 from .replay import policy_logprobs
 from .rewards import RewardError, RewardScorer, RewardWarning, is_correct, load_reward, task_reward
 from .rollout import Rollout, collect_rollout, greedy_accuracy
-from .sft import SFTConfig, sft_batch, train_sft
-from .state import MetricsLog, load_state, progress, read_metrics, save_state
+from .sft import SFTConfig, SupervisedFinetuning, sft_batch, train_sft
+from ..training.metrics import read_metrics
 
 __all__ = [
-    "GRPOConfig", "MetricsLog", "PromptSampler", "RewardError", "RewardScorer", "RewardWarning", "Rollout",
-    "SFTConfig", "aggregate", "clipped_surrogate", "collect_rollout", "encode_prompt", "greedy_accuracy",
+    "GRPOConfig", "PromptSampler", "RewardError", "RewardScorer", "RewardWarning", "Rollout",
+    "SFTConfig", "SupervisedFinetuning", "aggregate", "clipped_surrogate", "collect_rollout", "encode_prompt", "greedy_accuracy",
     "group_advantages", "grpo_loss", "grpo_update", "is_correct", "kept_ids_to_mask", "kl_penalty",
-    "load_examples", "load_reward", "load_state", "off_policy_mask", "plot_curves", "policy_logprobs",
-    "progress", "read_metrics", "save_state", "sft_batch", "task_examples", "task_reward", "token_entropy",
+    "load_examples", "load_reward", "off_policy_mask", "plot_curves", "policy_logprobs",
+    "read_metrics", "sft_batch", "task_examples", "task_reward", "token_entropy",
     "token_logprobs", "train_eval_split", "train_grpo", "train_sft",
 ]

@@ -7,6 +7,10 @@ calls `register` once; everything RL-specific about the command line lives here.
                --steps 300 --lr 1e-4 --top-p 0.95 --out runs/grpo
     dsv32 grpo --config grpo.json        # keys: the flag names, e.g. {"group_size": 8, "delta": null}
 
+Both keep a run folder like `pretrain` (`checkpoints/`, a metrics JSONL, the settings check on
+resume of `dsv32.training.checkpointing`): `sft` continues with `--resume` (its `--out` also gets
+the final model in the HF layout), `grpo` resumes whatever run is in `--out`.
+
 Every field of `GRPOConfig` / `SFTConfig` is a flag of the same name (dashes for underscores;
 booleans also as --no-NAME; `--delta none` switches the off-policy mask off). Input that cannot
 work — G < 2, delta <= 0, eps outside (0, 1), an empty dataset, an unknown task — is reported
@@ -85,6 +89,14 @@ def _datasets(args: argparse.Namespace):
     return train, held_out
 
 
+def _run_info(args: argparse.Namespace) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint besides the config dataclass."""
+    return {"model": str(args.model), "tokenizer": args.tokenizer,
+            "data": {"task": args.task, "task_options": args.task_options, "dataset": args.dataset,
+                     "eval_dataset": args.eval_dataset, "train_size": args.train_size, "eval_size": args.eval_size},
+            **({"reward": list(args.reward)} if hasattr(args, "reward") else {})}
+
+
 def _load(args: argparse.Namespace):
     from ..cli import UserError, load_model
     from ..tokenizer import tokenizer_for_model
@@ -103,19 +115,29 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     config = config_from_args(args, SFTConfig)
     train, held_out = _datasets(args)
     model, tokenizer = _load(args)
+    from ..training.checkpointing import save_full_model
+    from ..training.distributed import init_distributed, shard_model
+    info = init_distributed(str(next(model.parameters()).device))   # torchrun: FSDP2, rank 0 reports
+    if info.enabled:
+        shard_model(model)
     out = Path(args.out)
     answer_tokens = max(len(tokenizer.encode(ex.answer)) for ex in train + held_out) + 1
 
     def accuracy() -> str:
         if not held_out:
             return "n/a"
-        return f"{greedy_accuracy(model, tokenizer, held_out, max_new_tokens=answer_tokens):.3f}"
+        return f"{greedy_accuracy(model, tokenizer, held_out, max_new_tokens=answer_tokens, rank=info.rank, world_size=info.world_size):.3f}"
 
-    print(f"sft: {len(train)} training examples, held-out greedy accuracy before: {accuracy()}")
-    history = train_sft(model, tokenizer, train, config, metrics_path=out / "sft_metrics.jsonl")
-    model.save_pretrained(out)
-    print(f"sft: final loss {history[-1]['loss']:.4f}, held-out greedy accuracy after: {accuracy()}; "
-          f"model written to {out}")
+    before = accuracy()
+    if info.is_main:
+        print(f"sft: {len(train)} training examples, held-out greedy accuracy before: {before}")
+    history = train_sft(model, tokenizer, train, config, out_dir=out, metrics_name="sft_metrics.jsonl",
+                        resume=args.resume, run_info=_run_info(args), dist=info)
+    save_full_model(model, out, info)
+    after = accuracy()
+    if info.is_main:
+        done = f"final loss {history[-1]['loss']:.4f}" if history else f"nothing to do, already at step {config.steps}"
+        print(f"sft: {done}, held-out greedy accuracy after: {after}; model written to {out}")
     return 0
 
 
@@ -124,7 +146,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     from .grpo import train_grpo
     from .plot import plot_curves
     from .rewards import RewardError, load_reward, task_reward
-    from .state import latest_checkpoint, read_metrics
+    from ..training.checkpointing import CheckpointFolder
+    from ..training.metrics import read_metrics
     _require(args, "model", "out")
     config = config_from_args(args, GRPOConfig)
     train, held_out = _datasets(args)
@@ -136,7 +159,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     info = init_distributed(str(next(model.parameters()).device))   # torchrun: FSDP2, rank 0 reports
     try:
         history = train_grpo(model, tokenizer, train, config, reward_fns=rewards, out_dir=args.out,
-                             eval_examples=held_out or None, dist=info)
+                             eval_examples=held_out or None, dist=info, run_info=_run_info(args))
     except RewardError as e:
         raise UserError(str(e)) from None
     out = Path(args.out)
@@ -149,7 +172,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
         plot_curves({"grpo": read_metrics(out / "metrics.jsonl")}, out / "curves.png")
     else:
         print(f"grpo: nothing to do, the run in {out} already reached step {config.steps}")
-    print(f"grpo: policy in {latest_checkpoint(out) / 'policy'}, metrics in {out / 'metrics.jsonl'}")
+    print(f"grpo: policy in {CheckpointFolder(out / 'checkpoints').latest() / 'policy'}, metrics in "
+          f"{out / 'metrics.jsonl'}")
     return 0
 
 
@@ -159,6 +183,8 @@ def register(verb: Callable[[str, str, Callable], argparse.ArgumentParser]) -> N
              _cmd_sft)
     _add_data_flags(p)
     add_config_flags(p, SFTConfig, choices=_CHOICES)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
 
     p = verb("grpo", "GRPO fine-tuning with the V3.2 stabilisers on a verifiable task; resumes from --out",
              _cmd_grpo)

@@ -12,7 +12,8 @@ Each step:
        mini-batches, one AdamW step (after gradient clipping) each. Every update after the first
        sees data sampled by an older policy: this is what makes GRPO off-policy, and what the
        clip, the off-policy mask and the unbiased KL are for;
-    6. one metrics record per step (JSONL), a checkpoint every `checkpoint_every` steps.
+    6. one metrics record per step (JSONL), a checkpoint every `checkpoint_every` steps
+       (`dsv32.training.checkpointing`: policy, reference, optimizer, data position, RNG).
 
 The stabilisers, each switchable: `kl_estimator` "unbiased" (eq. 7) or "k3" (with `beta` > 0),
 `delta` (off-policy sequence mask; None = off), `keep_routing`, `keep_sampling_mask` (see
@@ -36,6 +37,11 @@ FSDP2; each rank rolls out, scores and trains on its contiguous share of the ste
 averages the gradients, logged numbers are averaged over ranks, and checkpoints are gathered
 to rank 0 in the single-process format (so they resume at any world size).
 
+A run whose `out_dir` holds a checkpoint resumes from it, after checking that the run's
+settings (every `GRPOConfig` field and `run_info`) and model configs are those of the
+checkpoint; `checkpointing.MAY_CHANGE_ON_RESUME` lists those that may change (more `steps`
+extend a finished run; checkpoint and evaluation cadence).
+
 Left out on purpose: a learning-rate schedule (RL fine-tuning here uses a constant rate),
 the auxiliary-loss-free router bias update (the bias stays as loaded), separate rollout and
 training engines, and reward models — see `dsv32.rl.rewards`.
@@ -45,6 +51,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -63,8 +71,9 @@ from .losses import AGGREGATIONS, KL_ESTIMATORS, grpo_loss
 from .replay import policy_logprobs
 from .rewards import RewardFn, RewardScorer, is_correct, task_reward
 from .rollout import Rollout, collect_rollout, concat_rollouts, greedy_accuracy
+from ..training.checkpointing import CheckpointFolder
 from ..training.distributed import DistInfo, all_reduce_sum, shard_model
-from .state import MetricsLog, load_state, progress, save_state
+from ..training.metrics import MetricsLog, Progress
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -263,15 +272,17 @@ def train_grpo(
     eval_examples: Sequence[Example] | None = None,
     show_progress: bool = True,
     dist: DistInfo | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune `policy` in place with GRPO; returns the metrics records of the steps run.
 
     dataset: prompts with their answers (`dsv32.rl.datasets`). reward_fns: callables
     (prompt, completion, example) -> float, summed; default the exact-match reward of the
-    dataset's task (`meta["task"]` of its first example). out_dir: where checkpoints and
+    dataset's task (`meta["task"]` of its first example). out_dir: where `checkpoints/` and
     `metrics.jsonl` go; a run whose out_dir holds a checkpoint resumes from it (policy,
-    reference, optimizer, data position, RNG). eval_examples: held-out prompts for
-    `eval_accuracy` (greedy) every `config.eval_every` steps.
+    reference, optimizer, data position, RNG) if its settings match. eval_examples: held-out
+    prompts for `eval_accuracy` (greedy) every `config.eval_every` steps. run_info: settings
+    outside `config` (task, data, rewards) that a resumed run must share with its checkpoint.
     """
     cfg = config
     if len(dataset) == 0:
@@ -296,21 +307,26 @@ def train_grpo(
                                   weight_decay=cfg.weight_decay)
     models = {"policy": policy, "reference": reference}
     sampler = PromptSampler(dataset, seed=cfg.seed)
+    settings = json.loads(json.dumps({"grpo": dataclasses.asdict(cfg), **(run_info or {})}))
     start = 0
-    log = None
+    log = ckpt = None
     if out_dir is not None:
         out = Path(out_dir)
-        saved = load_state(out, models=models, optimizer=optimizer)
-        if saved is not None:
+        ckpt = CheckpointFolder(out / "checkpoints", keep=cfg.keep_checkpoints, dist=info)
+        ckpt.clean_leftovers()
+        latest = ckpt.latest()
+        if latest is not None:
+            saved = ckpt.load(latest, models, optimizer, settings=settings)
             start, sampler.position = saved["step"], saved["data_position"]
         if info.is_main:
-            log = MetricsLog(out / "metrics.jsonl", resume_step=start if saved is not None else None)
+            log = MetricsLog(out / "metrics.jsonl")
+            log.truncate_after(start)
 
     G, B = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     local = cfg.prompts_per_step // info.world_size          # prompts per rank
     lo, hi = info.rank * local, (info.rank + 1) * local
     history: list[dict[str, Any]] = []
-    bar = progress(cfg.steps, start, "grpo") if show_progress and info.is_main else None
+    bar = Progress(cfg.steps, start, "grpo", enabled=show_progress and info.is_main)
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         examples = sampler.take(cfg.prompts_per_step)[lo:hi]
@@ -353,12 +369,8 @@ def train_grpo(
         history.append(record)
         if log is not None:
             log.write(record)
-        if out_dir is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save_state(out_dir, step, models=models, optimizer=optimizer, keep=cfg.keep_checkpoints, dist=info,
-                       state={"step": step, "data_position": sampler.position, "config": dataclasses.asdict(cfg)})
-        if bar is not None:
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.3f}", refresh=False)
-            bar.update()
-    if bar is not None:
-        bar.close()
+        if ckpt is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            ckpt.save(step, models, optimizer, {"step": step, "data_position": sampler.position}, settings=settings)
+        bar.update(reward=record["reward_mean"], acc=record["accuracy"])
+    bar.close()
     return history

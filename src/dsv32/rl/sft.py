@@ -1,19 +1,21 @@
 """Supervised warm start for RL: teacher-forced cross-entropy on prompt -> answer examples,
-with the loss on the answer tokens (and the closing EOS) only.
+with the loss on the answer tokens (and the closing EOS) only. It runs as an objective of the
+shared `dsv32.training.Trainer`, so it has the trainer's checkpoints, exact resume, metrics log,
+learning-rate schedule (`optim.lr_factor`) and loss (`losses.lm_loss` with a loss mask).
 
-Shape legend: B examples, T = the longest prompt + answer + EOS, minus one.
+Shape legend: B examples, L = the longest prompt + answer + EOS.
 
-    sequence   encode_prompt(prompt) + encode(answer) + [EOS]      (BOS first when the tokenizer has one)
-    inputs     sequence[:-1]     right-padded with the pad id        (B, T)
-    targets    sequence[1:]      -100 where the target is a prompt token or padding   (B, T)
+    sequence        encode_prompt(prompt) + encode(answer) + [EOS]   (BOS first when the tokenizer has one)
+    input_ids       the sequences, right-padded with the pad id       (B, L)
+    attention_mask  True on the sequence's tokens                      (B, L)
+    loss_mask       True on the answer tokens and the EOS: the targets that count   (B, L)
 
 The prompt is encoded exactly as GRPO encodes it (`datasets.encode_prompt`), so a model
 trained here is sampled from the same token sequences later. EOS is a target so that the model
 learns to stop after the answer — the exact-match rewards give 0 to anything that follows it.
 
-Left out on purpose: packing several examples into one sequence, and checkpoint/resume (this is
-a short warm start; the model is saved once at the end by the caller). The general trainer
-(pretraining, DSA stages) lives in `dsv32.training`.
+Left out on purpose: packing several examples into one sequence, and the router bias update
+(a short warm start leaves the pretrained balance as it is).
 """
 
 from __future__ import annotations
@@ -24,17 +26,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
+from ..training.losses import lm_loss
+from ..training.objectives import StepResult
 from ..training.tasks import Example
+from ..training.distributed import DistInfo
+from ..training.trainer import Trainer, TrainConfig
 from ..validation import check_choice, check_int, check_number
 from .datasets import PromptSampler, encode_prompt
-from .state import MetricsLog, progress
 
-IGNORE = -100
 SCHEDULES = ("cosine", "constant")
+ADAMW_BETAS = (0.9, 0.999)           # torch's AdamW defaults, which the warm start has always used
 
 
 @dataclass
@@ -42,93 +46,108 @@ class SFTConfig:
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "examples per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak rate, reached after the linear warm-up"})
-    schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (down to lr/10 at the last "
-                                                               "step) | constant"})
+    schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (down to lr/10 at the end) "
+                                                               "| constant"})
     warmup_steps: int = field(default=20, metadata={"help": "steps of linear warm-up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
     seed: int = field(default=0, metadata={"help": "seeds the example order"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = at the end only"})
+    keep_checkpoints: int = field(default=1, metadata={"help": "checkpoints kept"})
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0)):
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("save_every", 0),
+                          ("keep_checkpoints", 1)):
             check_int(name, getattr(self, name), low)
         for name, low_open in (("lr", True), ("grad_clip", True), ("weight_decay", False)):
             check_number(name, getattr(self, name), 0, low_open=low_open)
         check_choice("schedule", self.schedule, SCHEDULES)
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of update `step` (1-based)."""
-        if step <= self.warmup_steps:
-            return self.lr * step / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    def train_config(self, *, progress: bool = True) -> TrainConfig:
+        """The trainer's settings: warm-up + cosine to lr/10 (or flat after the warm-up), AdamW
+        with torch's default betas, no router bias update, a metrics record every step."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           min_lr_ratio=0.1 if self.schedule == "cosine" else 1.0, weight_decay=self.weight_decay,
+                           betas=ADAMW_BETAS, grad_clip=self.grad_clip, bias_update_gamma=0.0, seed=self.seed,
+                           log_every=1, save_every=self.save_every, keep_checkpoints=self.keep_checkpoints,
+                           progress=progress)
 
 
 def sft_batch(tokenizer: Tokenizer, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forcing tensors: inputs (B, T) int64, attention mask (B, T) bool, targets (B, T)
-    int64 with -100 everywhere but answer and EOS targets."""
+    """Teacher-forcing tensors: input_ids (B, L) int64, attention_mask (B, L) bool, loss_mask
+    (B, L) bool, True on the answer tokens and the EOS."""
     if not examples:
         raise ValueError("no examples for an SFT batch")
     seqs, starts = [], []
     for ex in examples:
         prompt = encode_prompt(tokenizer, ex.prompt)
         seqs.append(prompt + tokenizer.encode(ex.answer) + [tokenizer.eos_id])
-        starts.append(len(prompt) - 1)           # target index of the first answer token
-    T = max(len(s) for s in seqs) - 1
-    inputs = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+        starts.append(len(prompt))               # index of the first answer token
+    L = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), L), tokenizer.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    loss_mask = torch.zeros(len(seqs), L, dtype=torch.bool)
     for i, (s, start) in enumerate(zip(seqs, starts)):
-        n = len(s) - 1
-        inputs[i, :n] = torch.tensor(s[:-1])
-        mask[i, :n] = True
-        targets[i, start:n] = torch.tensor(s[start + 1:])
-    return inputs, mask, targets
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention_mask[i, :len(s)] = True
+        loss_mask[i, start:len(s)] = True
+    return input_ids, attention_mask, loss_mask
 
 
-def sft_loss(model: DSV32ForCausalLM, inputs: torch.Tensor, mask: torch.Tensor,
-             targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the answer targets."""
-    logits = model(inputs, attention_mask=mask).logits.float()                   # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+class SFTExamples:
+    """The trainer's data source: `next_batch(n)` is `sft_batch` of the next n examples of a
+    seeded shuffle (`PromptSampler`); the position is the resumable state."""
+
+    def __init__(self, tokenizer: Tokenizer, dataset: Sequence[Example], seed: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.sampler = PromptSampler(dataset, seed=seed)
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return sft_batch(self.tokenizer, self.sampler.take(batch_size))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.sampler.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.position = state["position"]
+
+
+class SupervisedFinetuning:
+    """The SFT objective: mean cross-entropy over the answer and EOS targets; every parameter
+    trains; the router bias stays as it is."""
+
+    name = "sft"
+    updates_router_bias = False
+
+    def settings(self) -> dict:
+        return {"objective": self.name}
+
+    @staticmethod
+    def trainable(name: str) -> bool:
+        return True
+
+    def __call__(self, model: DSV32ForCausalLM, batch: tuple[torch.Tensor, ...]) -> StepResult:
+        input_ids, attention_mask, loss_mask = batch
+        logits = model(input_ids, attention_mask=attention_mask).logits             # (B, L, V)
+        loss, metrics = lm_loss(logits, input_ids, attention_mask, loss_mask=loss_mask)
+        return StepResult(loss=loss, metrics=metrics, tokens=int(metrics["tokens"]))
 
 
 def train_sft(model: DSV32ForCausalLM, tokenizer: Tokenizer, dataset: Sequence[Example], config: SFTConfig, *,
-              metrics_path: str | Path | None = None, show_progress: bool = True,
-              stop: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
-    """Fine-tune `model` in place on `dataset`; returns one metrics record per step (step, loss,
-    lr, grad_norm), also written to `metrics_path` (JSONL) when given. stop(record), called
-    after every step, ends training early by returning True (e.g. once a validation accuracy
-    is reached; the "constant" schedule suits a run of unknown length)."""
-    cfg = config
-    sampler = PromptSampler(dataset, seed=cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = MetricsLog(metrics_path) if metrics_path is not None else None
-    bar = progress(cfg.steps, 0, "sft") if show_progress else None
-    history = []
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        lr = cfg.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = sft_loss(model, *sft_batch(tokenizer, sampler.take(cfg.batch_size)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": norm.item()}
-        history.append(record)
-        if log is not None:
-            log.write(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            bar.update()
-        if stop is not None and stop(record):
-            break
-    if bar is not None:
-        bar.close()
+              out_dir: str | Path | None = None, metrics_name: str = "metrics.jsonl", resume: bool | str = False,
+              run_info: dict[str, Any] | None = None, show_progress: bool = True,
+              stop: Callable[[dict[str, Any]], bool] | None = None,
+              dist: DistInfo | None = None) -> list[dict[str, Any]]:
+    """Fine-tune `model` in place on `dataset` with the shared trainer; returns the metrics records
+    of the steps run (step, loss, lr, grad_norm, ...). out_dir: where `metrics_name` and
+    `checkpoints/` go (None: nothing is written); resume: continue the run there (True: its
+    latest checkpoint). stop(record), called after every step, ends training early by returning
+    True (e.g. once a validation accuracy is reached; the "constant" schedule suits a run of
+    unknown length). dist: the torchrun process group, `model` already sharded
+    (`training.distributed.shard_model`): each rank trains on its slice of every global batch."""
+    trainer = Trainer(model, SupervisedFinetuning(), SFTExamples(tokenizer, dataset, seed=config.seed),
+                      config.train_config(progress=show_progress), out_dir, run_info=run_info,
+                      metrics_name=metrics_name, dist=dist)
+    history = trainer.fit(resume=resume, stop=stop)
     model.eval()
     return history

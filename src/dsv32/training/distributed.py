@@ -11,11 +11,8 @@ contiguous slice (`local_batch`), so the data position is one number that means 
 any world size, and the gradient FSDP2 averages over ranks equals the gradient of the global
 batch's mean loss.
 
-`DCPCheckpointer` has the `Checkpointer` interface of checkpointing.py and writes
-`torch.distributed.checkpoint` folders: each rank writes its shards, rank 0 adds the trainer
-state and renames the folder into place once every rank is done, so a killed run keeps its
-previous checkpoint. DCP re-shards on load, so a checkpoint written at world size 2 resumes
-at world size 1 (or 4) unchanged.
+Checkpoints of sharded runs (DCP shards per rank, or the full state gathered to rank 0) are
+written by `checkpointing.CheckpointFolder`; both resume at any world size.
 
 Left out: tensor, expert and pipeline parallelism, and multi-node launch details beyond what
 torchrun provides.
@@ -27,17 +24,12 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig
 from ..model import DSV32ForCausalLM
-from .checkpointing import STATE_NAME, CheckpointFolder, config_differences
-
-DCP_DIR = "dcp"
 
 
 @dataclass(frozen=True)
@@ -81,6 +73,16 @@ def shard_model(model: DSV32ForCausalLM) -> DSV32ForCausalLM:
     return model
 
 
+def settle_sharded_parameters(model: torch.nn.Module) -> None:
+    """Put an FSDP2 root back in its sharded state. FSDP2 keeps the root's parameters unsharded
+    after a forward (the backward would gather them again at once), so `model.parameters()`
+    taken after an evaluation forward names transient tensors that never get a gradient. Call
+    this before collecting parameters for an optimizer or a gradient norm; no-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def local_batch(batch: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """This rank's contiguous slice of a global batch (rows divisible by world size)."""
     if not info.enabled:
@@ -119,90 +121,9 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
 
 
 @contextlib.contextmanager
-def _single_process_ok(info: DistInfo):
+def single_process_dcp(info: DistInfo):
     """DCP warns when used without a process group; on one process that is what we mean."""
     with warnings.catch_warnings():
         if not info.enabled:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-class DCPCheckpointer(CheckpointFolder):
-    """Sharded checkpoints with torch.distributed.checkpoint (see the module docstring).
-
-    Layout: checkpoint-XXXXXXXX/{config.json, model.safetensors (the gathered model, HF layout),
-    trainer_state.pt, dcp/ (model + optimizer shards, what resume reads)}.
-    Works at world size 1 too (a plain model), which is how a sharded run's checkpoint is
-    resumed on a single process."""
-
-    def __init__(self, root: str | Path, info: DistInfo, *, keep: int = 1) -> None:
-        super().__init__(root, keep=keep)
-        self.info = info
-
-    def save(self, step: int, model: DSV32ForCausalLM, optimizer: torch.optim.Optimizer,
-             state: dict[str, Any]) -> Path:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        final, tmp = self.paths(step)
-        if self.info.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.clear_partial()
-            tmp.mkdir()
-        barrier(self.info)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _single_process_ok(self.info):
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
-        # Also the full model in the HF layout (gathered on rank 0), so that a run folder loads with
-        # `load_pretrained` whatever world size wrote it.
-        save_full_model(model, tmp, self.info)
-        if self.info.is_main:
-            torch.save(state, tmp / STATE_NAME)
-            os.replace(tmp, final)
-            self.prune(final)
-        barrier(self.info)
-        return final
-
-    def load(self, path: Path, model: DSV32ForCausalLM, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        path = Path(path)
-        if not (path / STATE_NAME).is_file() or not (path / DCP_DIR).is_dir():
-            raise ValueError(f"{path} is not a sharded training checkpoint (it needs {STATE_NAME} and {DCP_DIR}/)")
-        diff = config_differences(ModelConfig.from_hf_config(path / "config.json"), model.config)
-        if diff:
-            raise ValueError(f"checkpoint {path} was made with another model config ({'; '.join(diff)}; "
-                             f"checkpoint vs now); resume with the same settings or start a new run")
-        from torch.distributed.checkpoint import DefaultLoadPlanner
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        target = {"model": model_sd, "optimizer": optim_sd}
-        # Partial: parameters that never received a gradient (the indexer under an LM loss)
-        # have no optimizer state in the checkpoint, and need none.
-        with _single_process_ok(self.info):
-            dcp.load(target, checkpoint_id=str(path / DCP_DIR), planner=DefaultLoadPlanner(allow_partial_load=True))
-        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
-        return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-
-
-def save_full_model(model: DSV32ForCausalLM, path: str | Path, info: DistInfo) -> None:
-    """Gather a sharded model's full weights on rank 0 and write the HF layout there."""
-    if not info.enabled:
-        model.save_pretrained(path)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from ..checkpoint import write_checkpoint
-    from ..checkpoint.keymap import hf_state_items
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if info.is_main:
-        write_checkpoint(hf_state_items(full, model.config), model.config, path)
-    barrier(info)
-
-
-def checkpointer_for(root: str | Path, info: DistInfo, *, keep: int = 1):
-    """DCP checkpoints under torchrun, or when the run folder already holds DCP checkpoints (a
-    sharded run resumed on one process); plain local checkpoints otherwise."""
-    from .checkpointing import LocalCheckpointer
-    dcp_ckpt = DCPCheckpointer(root, info, keep=keep)
-    latest = dcp_ckpt.latest()
-    if info.enabled or (latest is not None and (latest / DCP_DIR).is_dir()):
-        return dcp_ckpt
-    return LocalCheckpointer(root, keep=keep)

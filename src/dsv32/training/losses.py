@@ -3,8 +3,8 @@ multi-token-prediction (MTP) loss. Each returns `(loss, metrics)` with detached 
 
 Shape legend: B batch, T positions, V vocabulary.
 
-Left out on purpose: label smoothing and z-loss (DeepSeek-V3 uses neither), and loss masks
-beyond padding — pretraining data has every token count.
+`lm_loss` takes an optional loss mask over the target tokens: SFT counts the completion tokens
+only (`dsv32.rl.sft`). Left out on purpose: label smoothing and z-loss (DeepSeek-V3 uses neither).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ def _shifted_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor 
     return (ce * m).sum(), m.sum()
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
-            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Mean next-token cross-entropy: position t predicts token t+1.
 
-    logits (B, T, V), input_ids (B, T), attention_mask (B, T) 1 = real token. A target counts
-    when both it and its input position are real. Returns the loss and {"lm_loss", "tokens"}."""
+    logits (B, T, V), input_ids (B, T), attention_mask (B, T) 1 = real token, loss_mask (B, T)
+    1 = this token is a target that counts. A target counts when both it and its input position
+    are real and the loss mask (if any) selects it. Returns the loss and {"lm_loss", "tokens"}."""
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"logits (B, T, V) must match input_ids (B, T), got {tuple(logits.shape)} "
                          f"and {tuple(input_ids.shape)}")
@@ -38,6 +39,12 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
     if attention_mask is not None:
         valid = attention_mask.bool()
         mask = valid[:, :-1] & valid[:, 1:]
+    if loss_mask is not None:
+        if loss_mask.shape != input_ids.shape:
+            raise ValueError(f"loss_mask must match input_ids (B, T), got {tuple(loss_mask.shape)} "
+                             f"and {tuple(input_ids.shape)}")
+        counted = loss_mask.bool()[:, 1:]
+        mask = counted if mask is None else mask & counted
     total, count = _shifted_ce(logits[:, :-1], input_ids[:, 1:], mask)
     loss = total / count.clamp(min=1)
     return loss, {"lm_loss": loss.detach(), "tokens": count.detach()}

@@ -1,8 +1,10 @@
-"""Training metrics: one JSON object per line in `metrics.jsonl`, and a progress bar.
+"""Run metrics for every verb: one JSON object per line in a JSONL file, and a progress bar.
 
-Every record has `step` (optimizer steps done) and `kind` ("train" or "eval"). On resume the
-records written after the checkpoint's step are dropped, since the resumed run writes them
-again; so a resumed run's file reads like an uninterrupted one.
+Every record has `step` (optimizer steps done); the trainer's also have `kind` ("train" or
+"eval"). On resume the records written after the checkpoint's step are dropped
+(`truncate_after`), since the resumed run writes them again; so a resumed run's file reads like
+an uninterrupted one. A fresh run starts with `truncate_after(0)`, which also drops the records
+of a run killed before its first checkpoint.
 
 Left out: TensorBoard / W&B writers (a JSONL file is trivial to load into either), and
 multi-rank aggregation: only the process that owns the file writes to it.
@@ -13,10 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 def _plain(value: Any) -> Any:
@@ -28,40 +31,56 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL metrics file, in order ([] when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)
+
+    def _tmp(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` (atomically: a new file renamed over the old)."""
+        """Drop records of steps after `step` (atomically: a new file renamed over the old), and
+        the temporary files of truncations that never finished (this one's, `NAME.tmp`, and the
+        old RL log's `.NAME.tmp-PID`)."""
+        for stale in [self._tmp(), *self.path.parent.glob(f".{self.path.name}.tmp-*")]:
+            stale.unlink(missing_ok=True)
         if not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self._tmp()
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, tokens/s and (tqdm's own) ETA."""
+    """A tqdm bar over optimizer steps on stderr, showing the given numbers and (tqdm's own) ETA;
+    when enabled it appears on a terminal only (quiet in tests and logs)."""
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool = True) -> None:
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled,
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
+                        disable=None if enabled else True, dynamic_ncols=True, leave=False)
 
-    def update(self, loss: float, tokens_per_s: float, **extra: float) -> None:
-        fields = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
-        fields.update({k: f"{v:.4g}" for k, v in extra.items()})
+    def update(self, **numbers: float) -> None:
+        """One step done; `numbers` (name -> value) shown beside the bar (tok_s as tok/s)."""
+        fields = {k: f"{v:.4g}" for k, v in numbers.items() if k != "tok_s"}
+        if "tok_s" in numbers:
+            fields["tok/s"] = f"{numbers['tok_s']:,.0f}"
         self.bar.set_postfix(fields, refresh=False)
         self.bar.update(1)
 

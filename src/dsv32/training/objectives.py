@@ -7,7 +7,9 @@ The trainer knows nothing about stages; the stages are objectives:
   sequence-wise balance loss and MTP loss;
 * `dsa.IndexerWarmup`, `dsa.SparseTraining` — the two DSA conversion stages (docs/math.md §8).
 
-Left out: distillation or RL objectives (GRPO composes `dsv32.rl` itself).
+The SFT warm start is an objective too (`dsv32.rl.sft.SupervisedFinetuning`). Left out:
+distillation, and GRPO, whose loop (rollouts, reference, several updates per batch) composes
+`dsv32.rl` itself and shares the checkpoints and metrics log.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Objective(Protocol):
 
     def settings(self) -> dict: ...            # what must match when a run is resumed
     def trainable(self, name: str) -> bool: ...   # parameter name -> trains in this objective
-    def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult: ...
+    def __call__(self, model: DSV32ForCausalLM, batch) -> StepResult: ...   # a DataSource's batch
 
 
 class LanguageModeling:

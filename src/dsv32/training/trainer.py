@@ -5,22 +5,25 @@
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` sequences from `data` (any
 object with `next_batch(n)`, `state_dict()` and `load_state_dict()`, such as
-`PackedSequences` or `MixedSequences`), each passed to the objective; the mean loss is
+`PackedSequences`, `MixedSequences` or SFT's `SFTExamples`; a batch is a tensor or a tuple of
+tensors with one row per sequence), each passed to the objective; the mean loss is
 back-propagated, gradients are clipped to `grad_clip` (global norm), the learning rate
 follows warm-up + cosine, AdamW steps, and, when the objective trains the main model, the
 router biases move toward balanced expert load (docs/math.md §6) using the loads of the whole step.
 
-Resume is exact: a checkpoint holds the model, optimizer, step, data position and the RNG
-states (torch CPU/CUDA, Python, NumPy), so on CPU a resumed run reproduces the losses of an
-uninterrupted one bit for bit. A checkpoint refuses to resume a run whose model config, train
-settings (the fields of `TrainConfig` other than the logging/saving cadence) or objective
-differ, and a fresh run refuses a folder that already holds checkpoints, so nothing is
-overwritten by mistake.
+Resume is exact: a checkpoint (`checkpointing.CheckpointFolder`) holds the model, optimizer,
+step, data position and the RNG states (torch CPU/CUDA, Python, NumPy), so on CPU a resumed run
+reproduces the losses of an uninterrupted one bit for bit. A checkpoint refuses to resume a run
+whose model config, train settings (`TrainConfig`), objective or `run_info` differ, naming each
+difference, except the settings in `checkpointing.MAY_CHANGE_ON_RESUME` (more `steps` extend a
+finished run; logging, evaluation and saving cadence); a fresh run refuses a folder that already
+holds checkpoints, so nothing is overwritten by mistake. With `out_dir=None` nothing is
+written (no metrics file, no checkpoints).
 
 Under torchrun (`dist` with world size > 1) the model is sharded with FSDP2 by the caller,
 every rank draws the same global batch and trains on its slice, expert loads and logged
 numbers are summed/averaged over ranks (so every rank applies the same router-bias update),
-checkpoints go through `DCPCheckpointer`, and only rank 0 writes metrics or shows progress.
+checkpoints are DCP shards, and only rank 0 writes metrics or shows progress.
 
 bf16 autocast is for CUDA only; on CPU training runs in float32 (bf16 matmuls are far slower
 there). Left out: tensor/expert/pipeline parallelism and dropout (DeepSeek uses none).
@@ -42,17 +45,17 @@ import torch
 
 from ..model import DSV32ForCausalLM
 from ..validation import check_int, check_number, is_number, require
-from .checkpointing import Checkpointer
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, checkpointer_for, local_batch
+from .checkpointing import MAIN_MODEL, CheckpointFolder
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, local_batch, settle_sharded_parameters
 from .metrics import MetricsLog, Progress
 from .objectives import Objective
 from .optim import build_optimizer, lr_factor, param_groups, set_lr, update_router_bias
 
-STATE_FORMAT = 1
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class DataSource(Protocol):
-    def next_batch(self, batch_size: int) -> torch.Tensor: ...
+    def next_batch(self, batch_size: int) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -74,14 +77,12 @@ class TrainConfig:
     bf16: bool = False                # bf16 autocast (CUDA only)
     activation_checkpointing: bool = False
     seed: int = 0
-    # Cadence: free to change when resuming.
+    # Cadence: free to change when resuming (checkpointing.MAY_CHANGE_ON_RESUME), as is `steps`.
     log_every: int = 10
     save_every: int = 0               # 0 = only at the end
     keep_checkpoints: int = 1
     eval_every: int = 0               # 0 = never (needs an `evaluate` function)
     progress: bool = True
-
-    CADENCE = ("log_every", "save_every", "keep_checkpoints", "eval_every", "progress")
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -99,57 +100,41 @@ class TrainConfig:
                     "a map of name substrings to learning rates > 0", {key: value})
 
     def run_settings(self) -> dict[str, Any]:
-        """The fields a resumed run must share with its checkpoint."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.CADENCE}
+        """Every field, as saved with a checkpoint; resume compares them (but those that may change)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current), key=str):
-            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} vs {current!r}"]
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+def _rows(batch: Batch, dist: DistInfo, device: torch.device) -> Batch:
+    """This rank's rows of a global batch (a tensor or a tuple of tensors), on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return local_batch(batch, dist).to(device)
+    return tuple(local_batch(t, dist).to(device) for t in batch)
 
 
 class Trainer:
     """Runs `objective` on batches of `data` for `config.steps` optimizer steps; writes
-    `metrics.jsonl` and checkpoints (under `out_dir/checkpoints` unless a `checkpointer` is
-    given). `evaluate(model) -> {name: value}` is called every `eval_every` steps (model in
-    eval mode, no grad). `run_info` adds settings (e.g. the corpus) that resume must match."""
+    `out_dir/metrics_name` and checkpoints (under `out_dir/checkpoints` unless a `checkpointer`
+    is given; neither when `out_dir` is None). `evaluate(model) -> {name: value}` is called every
+    `eval_every` steps (model in eval mode, no grad). `run_info` adds settings (e.g. the corpus)
+    that resume must match."""
 
     def __init__(self, model: DSV32ForCausalLM, objective: Objective, data: DataSource, config: TrainConfig,
-                 out_dir: str | Path, *, checkpointer: Checkpointer | None = None,
+                 out_dir: str | Path | None, *, checkpointer: CheckpointFolder | None = None,
                  evaluate: Callable[[DSV32ForCausalLM], dict[str, float]] | None = None,
-                 run_info: dict[str, Any] | None = None, dist: DistInfo | None = None) -> None:
+                 run_info: dict[str, Any] | None = None, dist: DistInfo | None = None,
+                 metrics_name: str = "metrics.jsonl") -> None:
         self.device = next(model.parameters()).device
         if config.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast needs a CUDA device; on CPU training runs in float32 (drop --bf16)")
         self.model, self.objective, self.data, self.config = model, objective, data, config
-        self.out_dir = Path(out_dir)
+        self.out_dir = None if out_dir is None else Path(out_dir)
         self.evaluate = evaluate
         model.activation_checkpointing = config.activation_checkpointing
+        settle_sharded_parameters(model)
         groups = param_groups(model, objective.trainable, lr=config.lr, weight_decay=config.weight_decay,
                               lr_overrides=config.lr_overrides.items())
         self.params = [p for g in groups for p in g["params"]]
@@ -158,9 +143,11 @@ class Trainer:
         if self.dist.enabled and config.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the world size "
                              f"{self.dist.world_size} (each rank trains on an equal slice of the global batch)")
-        self.checkpointer = checkpointer or checkpointer_for(self.out_dir / "checkpoints", self.dist,
-                                                             keep=config.keep_checkpoints)
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        if checkpointer is None and self.out_dir is not None:
+            checkpointer = CheckpointFolder(self.out_dir / "checkpoints", keep=config.keep_checkpoints,
+                                            dist=self.dist, sharded=self.dist.enabled)
+        self.checkpointer = checkpointer
+        self.log = None if self.out_dir is None else MetricsLog(self.out_dir / metrics_name)
         self.settings = _jsonable({"train": config.run_settings(), "objective": objective.settings(),
                                    **(run_info or {})})
         self.step = 0
@@ -169,10 +156,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resolve(self, resume: bool | str | Path) -> Path:
+        if self.checkpointer is None:
+            raise ValueError("nothing to resume: this trainer has no output folder")
         latest = self.checkpointer.latest()
         if resume is True or resume == "latest":
             if latest is None:
-                raise ValueError(f"nothing to resume: no checkpoint in {self.out_dir}")
+                raise ValueError(f"nothing to resume: no checkpoint in {self.checkpointer.root}")
             return latest
         path = Path(resume)
         if latest is not None and path.resolve() != latest.resolve():
@@ -182,23 +171,19 @@ class Trainer:
         return path
 
     def _restore(self, path: Path) -> None:
-        state = self.checkpointer.load(path, self.model, self.optimizer)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path}: unknown trainer state format {state.get('format')!r} (expected {STATE_FORMAT})")
-        diff = _differences(state["run"], self.settings)
-        if diff:
-            raise ValueError(f"checkpoint {path} was made with other settings ({'; '.join(diff)}; checkpoint vs "
-                             f"now); resume with the same settings or start a new run")
+        state = self.checkpointer.load(path, {MAIN_MODEL: self.model}, self.optimizer, settings=self.settings)
         self.data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        if self.dist.is_main:
+        if self.log is not None and self.dist.is_main:
             self.log.truncate_after(self.step)
 
-    def save(self) -> Path:
-        state = {"format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
-                 "elapsed": self.elapsed, "data": self.data.state_dict(), "rng": rng_state(), "run": self.settings}
-        return self.checkpointer.save(self.step, self.model, self.optimizer, state)
+    def save(self) -> Path | None:
+        if self.checkpointer is None:
+            return None
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                 "data": self.data.state_dict()}
+        return self.checkpointer.save(self.step, {MAIN_MODEL: self.model}, self.optimizer, state,
+                                      settings=self.settings)
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -215,12 +200,19 @@ class Trainer:
         sums: dict[str, float] = {}
         loads: dict[int, torch.Tensor] = {}
         for _ in range(cfg.grad_accum):
-            batch = local_batch(self.data.next_batch(cfg.batch_size), self.dist).to(self.device)
-            self.model.check_inputs(batch)      # ids and length, once per batch (the forward never syncs)
+            batch = _rows(self.data.next_batch(cfg.batch_size), self.dist, self.device)
+            self.model.check_inputs(batch[0] if isinstance(batch, tuple) else batch)   # ids, length: once per batch
             with self._autocast():
                 result = self.objective(self.model, batch)
-            (result.loss / cfg.grad_accum).backward()
-            loss_sum += float(result.loss.detach())
+            loss = result.loss
+            if self.dist.enabled:
+                # Each rank's loss is a mean over its own tokens; weighing it by its share of the
+                # micro-batch's tokens makes FSDP's average over ranks the mean over all of them
+                # (SFT's trained tokens differ from rank to rank; equal shares leave it unchanged).
+                total = float(all_reduce_sum(torch.tensor(float(result.tokens)), self.dist))
+                loss = loss * (result.tokens * self.dist.world_size / max(total, 1.0))
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
             tokens += result.tokens
             for key, value in result.metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -252,19 +244,23 @@ class Trainer:
                   **{k: v / cfg.grad_accum for k, v in sums.items()}, **balance}
         return record
 
-    def fit(self, resume: bool | str | Path = False, stop_at: int | None = None) -> list[dict[str, Any]]:
+    def fit(self, resume: bool | str | Path = False, stop_at: int | None = None,
+            stop: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
         """Train until `config.steps`, or only until step `stop_at` (a job with a time limit; the
-        run continues later with `resume=True`). Either way the last step is checkpointed.
-        Returns the train records of the steps run by this call."""
+        run continues later with `resume=True`), or until `stop(record)` returns True after a
+        step. Either way the last step is checkpointed. Returns the train records of the steps
+        run by this call."""
         cfg = self.config
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        if self.checkpointer is not None:
+            self.checkpointer.clean_leftovers()
         if resume:
             self._restore(self._resolve(resume))
         else:
-            if self.checkpointer.latest() is not None:
+            if self.checkpointer is not None and self.checkpointer.latest() is not None:
                 raise ValueError(f"{self.out_dir} already holds checkpoints ({self.checkpointer.latest().name}); "
                                  f"pass --resume to continue that run, or choose another output folder")
-            if self.dist.is_main:
+            if self.log is not None and self.dist.is_main:
                 self.log.truncate_after(0)   # records of a run killed before its first checkpoint
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
@@ -276,17 +272,21 @@ class Trainer:
             while self.step < end:
                 record = self.train_step()
                 history.append(record)
-                progress.update(record["loss"], record["tokens_per_s"])
-                if self.dist.is_main and (self.step % cfg.log_every == 0 or self.step == end):
+                progress.update(loss=record["loss"], tok_s=record["tokens_per_s"])
+                stopping = stop is not None and stop(record)
+                if self.log is not None and self.dist.is_main and (
+                        self.step % cfg.log_every == 0 or self.step == end or stopping):
                     self.log.write(record)
                 if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     evaluation = self.run_evaluation()       # every rank: a sharded forward needs all
-                    if self.dist.is_main:
+                    if self.log is not None and self.dist.is_main:
                         self.log.write({"kind": "eval", "step": self.step, **evaluation})
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
                     saved_at = self.step
-            if saved_at != self.step or self.checkpointer.latest() is None:
+                if stopping:
+                    break
+            if self.checkpointer is not None and (saved_at != self.step or self.checkpointer.latest() is None):
                 self.save()
         finally:
             progress.close()
