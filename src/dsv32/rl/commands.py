@@ -126,7 +126,9 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     def accuracy() -> str:
         if not held_out:
             return "n/a"
-        return f"{greedy_accuracy(model, tokenizer, held_out, max_new_tokens=answer_tokens, rank=info.rank, world_size=info.world_size):.3f}"
+        acc = greedy_accuracy(model, tokenizer, held_out, max_new_tokens=answer_tokens, rank=info.rank,
+                              world_size=info.world_size)
+        return f"{acc:.3f}"
 
     before = accuracy()
     if info.is_main:

@@ -98,8 +98,8 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     N = max(r.completion_mask.shape[1] for r in parts)
 
     def pad(t: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
-        widths = [0, 0] * (t.dim() - 2) + [left, right]
-        return torch.nn.functional.pad(t, widths, value=value)
+        """Pad dim 1 (the token axis) of a (B, L) or (B, L, k) tensor."""
+        return torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [left, right], value=value)
 
     def cat_kept() -> torch.Tensor | None:
         if any(r.kept is None for r in parts):
@@ -110,8 +110,8 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
 
     routing = None
     if all(r.routing is not None for r in parts):
-        routing = {layer: torch.cat([pad(r.routing[layer].transpose(1, 2), P - r.prompt_len,
-                                         N - r.completion_mask.shape[1], -1).transpose(1, 2) for r in parts])
+        routing = {layer: torch.cat([pad(r.routing[layer], P - r.prompt_len, N - r.completion_mask.shape[1], -1)
+                                     for r in parts])
                    for layer in parts[0].routing}
     offsets, groups = 0, []
     for r in parts:

@@ -274,7 +274,7 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
     out = model(input_ids, attention_mask, attention=attention, records=Records(keep_indexer_inputs=True),
                 logits_to_keep=1)
     kept_all = out.records.indexer_inputs
-    report = SelectionReport(query_valid=next(iter(kept_all.values())).key_valid)
+    report = SelectionReport(query_valid=kept_all[0].key_valid)       # the main layers' key mask
     for block in model.model.layers:
         i = block.layer_idx
         report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(_layer_selection, kept_all[i])
