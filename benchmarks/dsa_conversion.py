@@ -39,7 +39,7 @@ from dsv32.training.evaluate import accuracy_summary, lm_eval, retrieval_eval
 from dsv32.training.losses import lm_loss
 from dsv32.training.objectives import LanguageModeling
 from dsv32.training.plots import plot_retrieval_heatmap, plot_selection
-from dsv32.training.tasks import MixedSequences
+from dsv32.tasks import MixedSequences
 from dsv32.training.trainer import Trainer, TrainConfig
 
 DENSE, SPARSE = AttentionOptions(sparse=False), AttentionOptions(sparse=True)

@@ -158,7 +158,7 @@ def _build(cfg: ModelConfig, folder: Path, seed: int) -> dict[str, Any]:
 def _data(sizes: DemoSizes, seed: int):
     from .tokenizer import ByteTokenizer
     from .training.data import PackedSequences, split_documents, stdlib_documents
-    from .training.tasks import MixedSequences
+    from .tasks import MixedSequences
     docs = stdlib_documents(max_bytes=sizes.corpus_bytes)
     train_docs, val_docs = split_documents(docs, 0.05)
     if not val_docs or not train_docs:        # a very small corpus (quick mode): hold out one file

@@ -11,7 +11,7 @@ import torch
 
 from dsv32.rl import (GRPOConfig, RewardError, RewardScorer, RewardWarning, is_correct, load_reward,
                       task_reward, train_grpo)
-from dsv32.training.tasks import Example
+from dsv32.tasks import Example
 from tests.rl.helpers import TOKENIZER, arithmetic, tiny_policy
 
 EX = Example("Question: What is 2 + 3?\nAnswer: ", "5", {"task": "arithmetic"})

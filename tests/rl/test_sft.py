@@ -8,7 +8,7 @@ import torch
 
 from dsv32.rl import SFTConfig, SupervisedFinetuning, encode_prompt, sft_batch, train_sft
 from dsv32.training.optim import lr_factor
-from dsv32.training.tasks import Example
+from dsv32.tasks import Example
 from tests.rl.helpers import TOKENIZER, tiny_policy
 
 

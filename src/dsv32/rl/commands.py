@@ -72,7 +72,7 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 
 def _datasets(args: argparse.Namespace):
     from .datasets import load_examples, train_eval_split
-    from ..training.tasks import get_task
+    from ..tasks import get_task
     get_task(args.task)                                        # an unknown task fails here
     if args.train_size < 0 or args.eval_size < 0:
         raise ValueError(f"--train-size and --eval-size must be >= 0, got {args.train_size}, {args.eval_size}")
@@ -116,7 +116,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     train, held_out = _datasets(args)
     model, tokenizer = _load(args)
     from ..training.checkpointing import save_full_model
-    from ..training.distributed import init_distributed, shard_model
+    from ..distributed import init_distributed, shard_model
     info = init_distributed(str(next(model.parameters()).device))   # torchrun: FSDP2, rank 0 reports
     if info.enabled:
         shard_model(model)
@@ -157,7 +157,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     if config.eval_every and not held_out:
         raise ValueError("--eval-every needs held-out prompts (--eval-size > 0, or --eval-dataset)")
     model, tokenizer = _load(args)
-    from ..training.distributed import init_distributed
+    from ..distributed import init_distributed
     info = init_distributed(str(next(model.parameters()).device))   # torchrun: FSDP2, rank 0 reports
     try:
         history = train_grpo(model, tokenizer, train, config, reward_fns=rewards, out_dir=args.out,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..tokenizer import Tokenizer
-from ..training.tasks import Example, get_task
+from ..tasks import Example, get_task
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -63,7 +63,7 @@ import torch
 
 from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
-from ..training.tasks import Example
+from ..tasks import Example
 from ..validation import check_bool, check_choice, check_int, check_number, is_number, require
 from .advantages import group_advantages
 from .datasets import PromptSampler
@@ -72,7 +72,7 @@ from .replay import policy_logprobs
 from .rewards import RewardFn, RewardScorer, is_correct, task_reward
 from .rollout import Rollout, collect_rollout, concat_rollouts, greedy_accuracy
 from ..training.checkpointing import CheckpointFolder
-from ..training.distributed import DistInfo, all_reduce_sum, shard_model
+from ..distributed import DistInfo, all_reduce_sum, shard_model
 from ..training.metrics import MetricsLog, Progress
 
 

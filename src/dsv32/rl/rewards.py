@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..training.tasks import Example, get_task, score_exact
+from ..tasks import Example, get_task, score_exact
 
 RewardFn = Callable[[str, str, Example], float]
 
@@ -53,7 +53,7 @@ def reward_name(fn: RewardFn) -> str:
 def task_reward(task: str) -> RewardFn:
     """Exact-match (or, for countdown, verified) reward of a built-in task: 1.0 or 0.0.
 
-    Uses the task's own scorer (`dsv32.training.tasks`), which forgives only whitespace and a
+    Uses the task's own scorer (`dsv32.tasks`), which forgives only whitespace and a
     trailing end-of-text marker, so the reward cannot be gamed by a lenient parser.
     """
     spec = get_task(task)

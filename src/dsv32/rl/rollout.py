@@ -30,7 +30,7 @@ import torch
 from ..inference import generate
 from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
-from ..training.tasks import Example
+from ..tasks import Example
 from .datasets import encode_prompt
 from .rewards import is_correct
 

@@ -31,8 +31,8 @@ from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
 from ..training.losses import lm_loss
 from ..training.objectives import StepResult
-from ..training.tasks import Example
-from ..training.distributed import DistInfo
+from ..tasks import Example
+from ..distributed import DistInfo
 from ..training.trainer import Trainer, TrainConfig
 from ..validation import check_choice, check_int, check_number
 from .datasets import PromptSampler, encode_prompt
@@ -144,7 +144,7 @@ def train_sft(model: DSV32ForCausalLM, tokenizer: Tokenizer, dataset: Sequence[E
     latest checkpoint). stop(record), called after every step, ends training early by returning
     True (e.g. once a validation accuracy is reached; the "constant" schedule suits a run of
     unknown length). dist: the torchrun process group, `model` already sharded
-    (`training.distributed.shard_model`): each rank trains on its slice of every global batch."""
+    (`distributed.shard_model`): each rank trains on its slice of every global batch."""
     trainer = Trainer(model, SupervisedFinetuning(), SFTExamples(tokenizer, dataset, seed=config.seed),
                       config.train_config(progress=show_progress), out_dir, run_info=run_info,
                       metrics_name=metrics_name, dist=dist)

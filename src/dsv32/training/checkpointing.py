@@ -64,7 +64,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ..checkpoint import load_pretrained, write_checkpoint
 from ..checkpoint.keymap import hf_state_items
 from ..config import ModelConfig
-from .distributed import DistInfo, barrier, single_process_dcp
+from ..distributed import DistInfo, barrier, single_process_dcp
 
 STATE_NAME = "trainer_state.pt"
 STATE_FORMAT = 2

@@ -19,7 +19,7 @@ evaluation LM loss. Bad input (an empty corpus, `--seq-len` beyond the model's
 max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
 which cli.py prints in one line with exit code 2, before any checkpoint is touched.
 
-Under torchrun both verbs shard the model with FSDP2 (training/distributed.py); `eval` runs on one process.
+Under torchrun both verbs shard the model with FSDP2 (distributed.py); `eval` runs on one process.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from ..config import ModelConfig
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import ByteTokenizer
 from .data import PackedSequences, read_documents, split_documents, stdlib_documents
-from .distributed import init_distributed, shard_model
+from ..distributed import init_distributed, shard_model
 from .dsa import IndexerWarmup, SparseTraining, selection_report
 from .evaluate import accuracy_summary, check_retrieval_tasks, lm_eval, retrieval_eval
 from .objectives import LanguageModeling
-from .tasks import MixedSequences
-from .tasks.mixing import RETRIEVAL_TASKS
+from ..tasks import MixedSequences
+from ..tasks.mixing import RETRIEVAL_TASKS
 from .trainer import Trainer, TrainConfig
 
 Verb = Callable[..., argparse.ArgumentParser]

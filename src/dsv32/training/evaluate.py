@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import Tokenizer
-from .tasks import TASKS, get_task
+from ..tasks import TASKS, get_task
 
 
 @torch.no_grad()

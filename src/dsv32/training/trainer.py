@@ -46,7 +46,7 @@ import torch
 from ..model import DSV32ForCausalLM
 from ..validation import check_int, check_number, is_number, require
 from .checkpointing import MAIN_MODEL, CheckpointFolder
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, local_batch, settle_sharded_parameters
+from ..distributed import DistInfo, all_reduce_mean, all_reduce_sum, local_batch, settle_sharded_parameters
 from .metrics import MetricsLog, Progress
 from .objectives import Objective
 from .optim import build_optimizer, lr_factor, param_groups, set_lr, update_router_bias

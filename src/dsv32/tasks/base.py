@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...tokenizer import ByteTokenizer
-from ...validation import check_int  # re-exported: the task makers' argument check
+from ..tokenizer import ByteTokenizer
+from ..validation import check_int  # re-exported: the task makers' argument check
 
 __all__ = ["Example", "normalise_completion", "score_exact", "check_int"]
 

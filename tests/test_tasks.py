@@ -13,11 +13,11 @@ from hypothesis import given, settings, strategies as st
 
 from dsv32.tokenizer import ByteTokenizer
 from dsv32.training.data import Document, PackedSequences
-from dsv32.training.tasks import (TASKS, Example, MixedSequences, check_countdown, get_task, make_arithmetic,
+from dsv32.tasks import (TASKS, Example, MixedSequences, check_countdown, get_task, make_arithmetic,
                                   make_countdown, make_multikey_niah, make_passkey, make_variable_tracking,
                                   score_countdown, score_exact)
-from dsv32.training.tasks.reasoning import MAX_EXPRESSION_CHARS, parse_expression
-from dsv32.training.tasks.retrieval import MAX_PIECE_BYTES, SENTENCES
+from dsv32.tasks.reasoning import MAX_EXPRESSION_CHARS, parse_expression
+from dsv32.tasks.retrieval import MAX_PIECE_BYTES, SENTENCES
 
 RETRIEVAL = {"passkey": make_passkey, "multikey_niah": make_multikey_niah,
              "variable_tracking": make_variable_tracking}

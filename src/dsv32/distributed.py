@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..model import DSV32ForCausalLM
+from .model import DSV32ForCausalLM
 
 
 @dataclass(frozen=True)

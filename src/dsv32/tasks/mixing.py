@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ...tokenizer import Tokenizer
-from ..data import PackedSequences
+from ..tokenizer import Tokenizer
+from ..training.data import PackedSequences
 from .registry import TASKS
 
 __all__ = ["MixedSequences"]
