@@ -157,4 +157,5 @@ def test_eval_flags_are_the_fields_of_EvalConfig_with_help_and_defaults(tmp_path
     assert (config.topk, config.lengths, config.depths, config.tasks, config.attention) == \
         ((64, 256), (512, 1024), (0, 0.5), ("passkey",), "both")
     repo_config = Path(__file__).resolve().parents[2] / "configs" / "eval_small.json"
-    assert config_from_args(_eval_namespace("--config", str(repo_config)), EvalConfig).lengths == (512, 1024, 2000)
+    config = config_from_args(_eval_namespace("--config", str(repo_config)), EvalConfig)
+    assert (config.lengths, config.topk) == ((512, 1024, 2000), (64, 128, 256))
