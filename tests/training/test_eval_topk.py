@@ -36,7 +36,8 @@ def _evaluate(model: DSV32ForCausalLM, attention: AttentionOptions) -> dict:
     with torch.no_grad():
         logits = model(held_out, attention=attention).logits
     return {"lm": lm_eval(model, held_out, attention=attention, batch_size=2), "rows": rows,
-            "recall": report.recall(attention.topk or model.config.index_topk), "indices": report.indices, "logits": logits}
+            "recall": report.recall(attention.topk or model.config.index_topk), "indices": report.indices,
+            "logits": logits}
 
 
 @pytest.mark.parametrize("k", [3, 9])
