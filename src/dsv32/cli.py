@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -132,10 +133,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     return latest if (latest / "config.json").is_file() or not (latest / "policy").is_dir() else latest / "policy"
 
 
-def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu", seed: int = 0,
-               topk: int | None = None):
+def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu", seed: int = 0):
     """What every verb's --model/--init names: a checkpoint folder, a run folder (its latest
-    checkpoint) or a preset name (random weights, seeded); `topk` loads it with another index_topk."""
+    checkpoint) or a preset name (random weights, seeded). Another top-k needs no other model:
+    pass `AttentionOptions(topk=...)` to its forward."""
     from .checkpoint import load_pretrained
     from .config import PRESETS, ModelConfig
     from .model import DSV32ForCausalLM
@@ -148,11 +149,6 @@ def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu
     else:
         raise UserError(f"--model {str(spec)!r} is neither a checkpoint folder nor a preset "
                         f"({', '.join(sorted(PRESETS))})")
-    if topk is not None and topk != model.config.index_topk:
-        weights = model.state_dict()
-        model = DSV32ForCausalLM(model.config.replace(index_topk=topk), init=False)
-        model.load_state_dict(weights)
-        model = model.to(device)
     return model
 
 
@@ -174,7 +170,8 @@ def add_config_flags(parser, cls: type, *, defaults: dict[str, Any] | None = Non
     """One flag per field of the dataclass `cls`: `--field-name` (plus `aliases`), typed by the
     field's default, with the field's help (metadata "help", or `help`) and its default.
     Booleans also take --no-NAME; a field that may be None takes 'none'; a tuple takes as many
-    values as its default has. `defaults` overrides a field's default for this verb; the
+    values as its default has, except a `tuple[X, ...]` field, which takes one comma-separated
+    list (`--lengths 512,1024`). `defaults` overrides a field's default for this verb; the
     dataclass still validates every value (`config_from_args`)."""
     defaults, aliases, choices, help = defaults or {}, aliases or {}, choices or {}, help or {}
     for f in dataclasses.fields(cls):
@@ -184,9 +181,13 @@ def add_config_flags(parser, cls: type, *, defaults: dict[str, Any] | None = Non
         if default is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.{f.name} has no plain default and cannot be a flag; exclude it")
         flags = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
-        text = f"{help.get(f.name) or f.metadata.get('help', '')} (default: {default})".lstrip()
+        element = _list_element(f.type)
+        shown = ",".join(map(str, default)) if element and isinstance(default, tuple) else default
+        text = f"{help.get(f.name) or f.metadata.get('help', '')} (default: {shown})".lstrip()
         kw: dict[str, Any] = dict(dest=f.name, default=default, help=text)
-        if isinstance(default, bool):
+        if element:
+            parser.add_argument(*flags, type=_comma_list(element), metavar=f"{element.__name__.upper()},...", **kw)
+        elif isinstance(default, bool):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
             parser.add_argument(*flags, type=type(default[0]), nargs=len(default), **kw)
@@ -195,6 +196,23 @@ def add_config_flags(parser, cls: type, *, defaults: dict[str, Any] | None = Non
                                 metavar=f"{f.name.upper()}|none", **kw)
         else:
             parser.add_argument(*flags, type=_scalar(f.type, default), choices=choices.get(f.name), **kw)
+
+
+def _list_element(annotation: Any) -> type | None:
+    """int, float or str for a `tuple[int, ...]`-style annotation (optionally `| None`), else None."""
+    match = re.search(r"tuple\[(int|float|str), \.\.\.\]", str(annotation))
+    return {"int": int, "float": float, "str": str}[match.group(1)] if match else None
+
+
+def _comma_list(kind: type) -> Callable[[str], tuple | None]:
+    def parse(text: str):
+        if text.lower() in ("none", "null"):
+            return None
+        try:
+            return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    return parse
 
 
 def _scalar(annotation: Any, default: Any) -> type:

@@ -55,12 +55,13 @@ def test_pretrain_then_warmup_then_sparse_then_eval(pretrained, corpus, tmp_path
                  "0.2", "--lengths", "220,240", "--depths", "0,1", "--tasks", "passkey", "--examples-per-cell", "2",
                  "--eval-sequences", "2", "--out", str(report)]) == 0
     printed = capsys.readouterr().out
-    assert "[dense] held-out loss" in printed and "[sparse] held-out loss" in printed
+    assert "[dense] held-out loss" in printed and "[sparse k=8] held-out loss" in printed   # the recorded k
     result = json.loads((report / "eval.json").read_text())
     assert result["index_topk"] == 8
-    assert {(r["length"], r["depth"]) for r in result["sparse"]["retrieval"]} == {(220, 0), (220, 1), (240, 0), (240, 1)}
-    assert 0.0 <= result["sparse"]["indexer_recall"] <= 1.0
-    for name in ("retrieval_dense.png", "retrieval_sparse.png", "selection_sparse_layer1.png"):
+    sparse = result["sparse"]["8"]
+    assert {(r["length"], r["depth"]) for r in sparse["retrieval"]} == {(220, 0), (220, 1), (240, 0), (240, 1)}
+    assert 0.0 <= sparse["indexer_recall"] <= 1.0
+    for name in ("retrieval_dense.png", "retrieval_sparse_k8.png", "selection_sparse_k8_layer1.png"):
         assert (report / name).stat().st_size > 1000
 
 

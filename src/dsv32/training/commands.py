@@ -3,14 +3,21 @@
     dsv32 pretrain --model small --seq-len 2048 --steps 2000 --out runs/pre
     dsv32 sparsify --stage warmup --init runs/pre --topk 256 --steps 200 --out runs/warmup
     dsv32 sparsify --stage sparse --init runs/warmup --steps 500 --out runs/sparse
-    dsv32 eval --model runs/sparse --lengths 512,1024,2048 --out runs/sparse/eval
+    dsv32 eval --model runs/sparse --lengths 512,1024,2048 --topk 64,128,256 --out runs/sparse/eval
 
 `register(subparsers, verb)` adds them; cli.py calls it from `build_parser`. Every verb takes
 `--config FILE` (handled by cli.py). The training settings of pretrain and sparsify are the
 fields of `TrainConfig`, one flag each (`cli.add_config_flags`; `--bias-gamma` and `--keep`
-are the short names of bias_update_gamma and keep_checkpoints), with each verb's own defaults. A run folder holds `metrics.jsonl` and `checkpoints/`;
-`--init`/`--model` accept a run folder (its latest checkpoint) or any HF-layout folder.
-`--resume` continues the run in `--out` from its latest checkpoint (or from a given one).
+are the short names of bias_update_gamma and keep_checkpoints), with each verb's own defaults;
+the settings of eval are the fields of `EvalConfig`, one flag each. A run folder holds
+`metrics.jsonl` and `checkpoints/`; `--init`/`--model` accept a run folder (its latest
+checkpoint) or any HF-layout folder. `--resume` continues the run in `--out` from its latest
+checkpoint (or from a given one).
+
+Top-k is never a reason to rebuild a model: `eval --topk 64,128,256` evaluates one row per k
+with `AttentionOptions(topk=k)` on the same model (plus a dense reference row) and prints one
+table; `sparsify --topk K` makes K the model's recorded index_topk, which every layer reads at
+call time.
 
 Data: the corpus (files/folders given by `--corpus`, default this Python's standard library
 source) is split by document hash into training and held-out sides; training sequences
@@ -26,23 +33,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..cli import add_config_flags, config_from_args, load_model, resolve_model_dir
 from ..config import ModelConfig
 from ..model import AttentionOptions, DSV32ForCausalLM
+from ..model.indexer import Indexer
 from ..tokenizer import ByteTokenizer
 from .data import PackedSequences, read_documents, split_documents, stdlib_documents
 from ..distributed import init_distributed, shard_model
 from .dsa import IndexerWarmup, SparseTraining, selection_report
 from .evaluate import accuracy_summary, check_retrieval_tasks, lm_eval, retrieval_eval
 from .objectives import LanguageModeling
-from ..tasks import MixedSequences
+from ..tasks import MixedSequences, get_task
 from ..tasks.mixing import RETRIEVAL_TASKS
 from .trainer import Trainer, TrainConfig
+from ..validation import check_choice, check_int, check_number, is_int, require
 
 Verb = Callable[..., argparse.ArgumentParser]
 
@@ -117,29 +128,22 @@ def register(verb: Verb) -> None:
              cmd_sparsify)
     p.add_argument("--stage", choices=["warmup", "sparse"], help="warmup or sparse; required")
     p.add_argument("--init", help="a run folder or HF-layout checkpoint to start from; required")
-    p.add_argument("--topk", type=int, default=None, help="index_topk to train with (default: the model's)")
+    p.add_argument("--topk", type=int, default=None,
+                   help="make this the model's index_topk (its checkpoints record it; default: unchanged)")
     p.add_argument("--indexer-lr", type=float, default=None, help="peak lr of the indexers (default --lr)")
     p.add_argument("--indexer-weight", type=float, default=1.0, help="sparse stage: weight of the indexer KL")
     _data_flags(p, 1024)
     _train_flags(p, steps=200, lr=1e-3, warmup=20)
     _moe_flags(p)
 
-    p = verb("eval", "held-out LM loss/perplexity, indexer recall and retrieval accuracy by length and depth",
-             cmd_eval)
-    p.add_argument("--model", help="a run folder or HF-layout checkpoint; required")
-    p.add_argument("--out", default=None, help="folder for eval.json and the pictures")
-    p.add_argument("--attention", choices=["dense", "sparse", "both"], default="both")
-    p.add_argument("--topk", type=int, default=None, help="index_topk to evaluate with (default: the model's)")
-    p.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
-    p.add_argument("--lengths", type=_csv(int), default=[512, 1024, 2048], help="prompt lengths in tokens")
-    p.add_argument("--depths", type=_csv(float), default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths")
-    p.add_argument("--examples-per-cell", type=int, default=4)
-    p.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences for the LM loss")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--plot-layer", type=int, default=-1, help="layer of the selection picture (default last)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p = verb("eval", "held-out LM loss/perplexity, indexer recall and retrieval accuracy by length and depth; "
+                     "--topk 64,128,256 sweeps k and tabulates", cmd_eval)
+    p.add_argument("--model", help="a run folder, HF-layout checkpoint or preset name (random weights); required")
+    p.add_argument("--out", default=None, help="folder for eval.json and the pictures (default: print only)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=device, help=f"cpu or cuda (default: {device})")
     _data_flags(p, 1024)
+    add_config_flags(p.add_argument_group("evaluation"), EvalConfig, choices={"attention": ATTENTION_CHOICES})
 
 
 # ------------------------------------------------------------------------------- set-up
@@ -234,7 +238,9 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     _require(args, "stage", "init", "out")
     if args.stage not in ("warmup", "sparse"):    # a --config value escapes argparse's choices
         raise ValueError(f"--stage must be 'warmup' or 'sparse', got {args.stage!r}")
-    model = load_model(args.init, device=args.device, topk=args.topk)
+    model = load_model(args.init, device=args.device)
+    if args.topk is not None:
+        _record_topk(model, args.topk)
     if args.stage == "warmup":
         objective = IndexerWarmup()
         attention = AttentionOptions(sparse=False)
@@ -246,38 +252,161 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     return _run(args, model, objective, attention, {"init": str(args.init), "stage": args.stage}, overrides)
 
 
+def _record_topk(model: DSV32ForCausalLM, topk: int) -> None:
+    """`sparsify --topk K`: K becomes the model's index_topk, which its checkpoints record and the
+    next stage and `eval` default to. No rebuild: every layer reads index_topk from the model's
+    one config object at each call (`AttentionOptions(topk=...)` overrides it for one call)."""
+    check_int("--topk", topk, 1)
+    model.config.replace(index_topk=topk)          # validates the config with the new value
+    model.config.index_topk = topk
+    assert all(m.config is model.config for m in model.modules() if isinstance(m, Indexer))
+
+
+# ------------------------------------------------------------------------------- eval
+ATTENTION_CHOICES = ("dense", "sparse", "both")
+
+
+def _as_tuple(value: Any) -> Any:
+    # A config file may give a JSON list or a single value where the command line gives "a,b".
+    if value is None or isinstance(value, tuple):
+        return value
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+@dataclass
+class EvalConfig:
+    """What `dsv32 eval` measures; every field is a flag of the same name (`cli.add_config_flags`),
+    the tuple fields as comma-separated lists. One row per attention setting: dense (the
+    reference) and sparse at each k of `topk`, read per call (no model rebuild)."""
+
+    attention: str = field(default="both", metadata={"help": "dense, sparse or both (dense is the reference row)"})
+    topk: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "keys per query of the sparse rows, one row each, e.g. 64,128,256; at most the longest sequence "
+                "evaluated (none = the model's index_topk)"})
+    tasks: tuple[str, ...] = field(default=RETRIEVAL_TASKS, metadata={"help": "retrieval tasks"})
+    lengths: tuple[int, ...] = field(default=(512, 1024, 2048), metadata={"help": "retrieval prompt lengths in tokens"})
+    depths: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                                      metadata={"help": "needle depths in [0, 1] (0 = first, 1 = last)"})
+    examples_per_cell: int = field(default=4, metadata={"help": "retrieval examples per (task, length, depth)"})
+    eval_sequences: int = field(default=8, metadata={"help": "held-out sequences of --seq-len tokens for the LM loss"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per forward"})
+    plot_layer: int = field(default=-1, metadata={"help": "layer of the selection pictures (-1 = the last)"})
+    seed: int = field(default=0, metadata={"help": "seeds the retrieval examples"})
+
+    def __post_init__(self) -> None:
+        self.topk, self.tasks, self.lengths, self.depths = map(_as_tuple, (self.topk, self.tasks, self.lengths,
+                                                                           self.depths))
+        check_choice("attention", self.attention, ATTENTION_CHOICES)
+        if self.topk is not None:
+            require(len(self.topk) > 0, "topk", "one or more k values, or none", self.topk)
+            for k in self.topk:
+                require(is_int(k) and k >= 1, "topk", "integers >= 1 (keys per query)", k)
+            require(self.attention != "dense", "topk", "none with attention 'dense' (k sets the sparse rows)",
+                    self.topk)
+            self.topk = tuple(dict.fromkeys(self.topk))
+        for name in ("tasks", "lengths", "depths"):
+            require(isinstance(getattr(self, name), tuple) and len(getattr(self, name)) > 0, name,
+                    "one or more values", getattr(self, name))
+        check_retrieval_tasks(self.tasks)
+        for n in self.lengths:
+            require(is_int(n) and n >= 1, "lengths", "integers >= 1 (prompt tokens)", n)
+        for d in self.depths:
+            check_number("depths", d, 0.0, 1.0)
+        for name in ("examples_per_cell", "eval_sequences", "batch_size"):
+            check_int(name, getattr(self, name), 1)
+        check_int("plot_layer", self.plot_layer)
+        check_int("seed", self.seed, 0)
+
+
+def _check_eval_lengths(config: EvalConfig, seq_len: int) -> None:
+    """Before any model is loaded: every k fits the sequences evaluated, every length fits every task."""
+    longest = max(seq_len, *config.lengths)
+    for k in config.topk or ():
+        if k > longest:
+            raise ValueError(f"--topk {k} is larger than the longest sequence this evaluation reads ({longest} "
+                             f"tokens: --seq-len {seq_len}, --lengths up to {max(config.lengths)}); every query "
+                             f"would keep all its keys, which is the dense row")
+    for name in config.tasks:
+        for n in config.lengths:
+            try:
+                get_task(name).make_example(random.Random(0), n, 0.5)
+            except ValueError as e:
+                raise ValueError(f"--lengths {n} is too short for task {name}: {e}") from None
+
+
+def _attention_settings(config: EvalConfig, model: DSV32ForCausalLM) -> list[tuple[str, AttentionOptions]]:
+    settings = [("dense", AttentionOptions(sparse=False))] if config.attention != "sparse" else []
+    if config.attention != "dense":
+        for k in config.topk or (model.config.index_topk,):
+            settings.append((f"sparse k={k}", AttentionOptions(sparse=True, topk=k)))
+    return settings
+
+
+def _measure(model: DSV32ForCausalLM, attention: AttentionOptions, config: EvalConfig, held_out: torch.Tensor):
+    """One row of the sweep: LM loss/perplexity, (sparse) indexer recall at this k, retrieval
+    metrics; and the selection report the recall came from (None for dense)."""
+    lm = lm_eval(model, held_out, attention=attention, batch_size=config.batch_size)
+    report, recall = None, {}
+    if attention.sparse:
+        device = next(model.parameters()).device
+        report = selection_report(model, held_out[:1].to(device), attention=attention)
+        recall = report.recall(attention.topk)
+    rows = retrieval_eval(model, ByteTokenizer(), tasks=config.tasks, lengths=config.lengths, depths=config.depths,
+                          examples_per_cell=config.examples_per_cell, attention=attention, seed=config.seed,
+                          batch_size=config.batch_size)
+    return {**lm, **recall, **accuracy_summary(rows), "retrieval": rows}, report
+
+
+def sweep_table(results: list[tuple[str, dict[str, Any]]]) -> str:
+    """A Markdown table of (label, measurements) pairs: one row per attention setting, one
+    column per overall number (per-layer and per-task numbers stay in eval.json); '-' where a
+    row has no such number (the dense row has no indexer recall)."""
+    columns: list[str] = []
+    for _, row in sorted(results, key=lambda item: -len(item[1])):
+        columns += [key for key, value in row.items()
+                    if isinstance(value, float) and "/" not in key and key not in columns]
+    lines = ["| attention | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, row in results:
+        lines.append(f"| {label} | " + " | ".join(f"{row[c]:.4f}" if c in row else "-" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _require(args, "model")
-    if args.attention not in ("dense", "sparse", "both"):
-        raise ValueError(f"--attention must be 'dense', 'sparse' or 'both', got {args.attention!r}")
-    check_retrieval_tasks(args.tasks)
-    model = load_model(args.model, device=args.device, topk=args.topk).eval()
+    config = config_from_args(args, EvalConfig)
+    _check_eval_lengths(config, args.seq_len)
+    model = load_model(args.model, device=args.device).eval()
     _check_seq_len(args.seq_len, model.config)
     _, val_docs = _documents(args)
-    held_out = _held_out(args, val_docs, args.eval_sequences)
-    modes = ["dense", "sparse"] if args.attention == "both" else [args.attention]
-    layer = args.plot_layer % model.config.num_hidden_layers
+    held_out = _held_out(args, val_docs, config.eval_sequences)
+    layer = config.plot_layer % model.config.num_hidden_layers
     out_dir = Path(args.out) if args.out else None
-    results: dict[str, Any] = {"model": str(resolve_model_dir(args.model)), "index_topk": model.config.index_topk}
-    for mode in modes:
-        attention = AttentionOptions(sparse=mode == "sparse")
-        lm = lm_eval(model, held_out, attention=attention, batch_size=args.batch_size)
-        report = selection_report(model, held_out[:1].to(args.device), attention=attention)
-        recall = report.recall(model.config.index_topk)
-        rows = retrieval_eval(model, ByteTokenizer(), tasks=args.tasks, lengths=args.lengths, depths=args.depths,
-                              examples_per_cell=args.examples_per_cell, attention=attention, seed=args.seed,
-                              batch_size=args.batch_size)
-        summary = accuracy_summary(rows)
-        results[mode] = {**lm, **recall, **summary, "retrieval": rows}
-        print(f"[{mode}] held-out loss {lm['lm_loss']:.4f} (ppl {lm['perplexity']:.3f}), indexer recall "
-              f"{recall['indexer_recall']:.3f} (ceiling {recall['indexer_recall_ceiling']:.3f}), retrieval exact match {summary['accuracy']:.3f} (answer tokens "
-              f"{summary['token_accuracy']:.3f}, NLL {summary['answer_nll']:.3f})")
-        _print_grid(rows, args.lengths, args.depths)
+    source = str(resolve_model_dir(args.model)) if Path(args.model).is_dir() else str(args.model)
+    results: dict[str, Any] = {"model": source, "index_topk": model.config.index_topk,
+                               "topk": list(config.topk) if config.topk else None}
+    table = []
+    for label, attention in _attention_settings(config, model):
+        row, report = _measure(model, attention, config, held_out)
+        table.append((label, row))
+        if attention.sparse:
+            results.setdefault("sparse", {})[str(attention.topk)] = row
+        else:
+            results["dense"] = row
+        recall = (f", indexer recall {row['indexer_recall']:.3f} (ceiling {row['indexer_recall_ceiling']:.3f})"
+                  if report is not None else "")
+        print(f"[{label}] held-out loss {row['lm_loss']:.4f} (ppl {row['perplexity']:.3f}){recall}, retrieval exact "
+              f"match {row['accuracy']:.3f} (answer tokens {row['token_accuracy']:.3f}, NLL {row['answer_nll']:.3f})")
+        _print_grid(row["retrieval"], config.lengths, config.depths)
         if out_dir is not None:
             from .plots import plot_retrieval_heatmap, plot_selection
-            plot_retrieval_heatmap(rows, out_dir / f"retrieval_{mode}.png", title=f"{mode} attention")
-            plot_selection(report, layer, out_dir / f"selection_{mode}_layer{layer}.png",
-                           title=f"{mode} attention, layer {layer}, top-{model.config.index_topk}")
+            name = "dense" if report is None else f"sparse_k{attention.topk}"
+            plot_retrieval_heatmap(row["retrieval"], out_dir / f"retrieval_{name}.png", title=f"{label} attention")
+            if report is not None:
+                plot_selection(report, layer, out_dir / f"selection_{name}_layer{layer}.png",
+                               title=f"sparse attention, layer {layer}, top-{attention.topk}")
+    print(f"\nheld-out LM ({held_out.shape[0]} x {held_out.shape[1]} tokens), indexer recall and retrieval "
+          f"({', '.join(config.tasks)}; lengths {', '.join(map(str, config.lengths))}), by attention:")
+    print(sweep_table(table))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -285,7 +414,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_grid(rows: list[dict], lengths: list[int], depths: list[float]) -> None:
+def _print_grid(rows: list[dict], lengths: Sequence[int], depths: Sequence[float]) -> None:
     print("    length \\ depth " + "".join(f"{d:>7g}" for d in depths))
     for n in lengths:
         cells = []
