@@ -21,7 +21,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from .hf import CheckpointError
+from .errors import CheckpointError
 
 _METADATA_CLASSES = {"Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
                      "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"}

@@ -6,6 +6,8 @@ the run's settings; written atomically, pruned, checked against the current sett
         config.json, model.safetensors     the model named "model" (the trainer's), in the Hugging
                                            Face layout at the top, so `dsv32.load_pretrained(folder)`
                                            loads the checkpoint as it is
+        checksums.sha256                   sha256 of every file above and of trainer_state.pt
+                                           (each model folder has its own; `sha256sum -c` reads it)
         policy/, reference/                any other named model (GRPO's), each in its own folder
         trainer_state.pt                   loop state (step, data position, ...), format, RNG
                                            states (torch, CUDA, Python `random`, NumPy), the run's
@@ -63,6 +65,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from ..checkpoint import load_pretrained, write_checkpoint
+from ..checkpoint.integrity import write_manifest
 from ..checkpoint.keymap import hf_state_items
 from ..config import ModelConfig
 from ..distributed import DistInfo, barrier, single_process_dcp
@@ -243,6 +246,7 @@ class CheckpointFolder:
                 if self.during_write is not None:
                     self.during_write(tmp)
                 torch.save(record, tmp / STATE_NAME)
+                write_manifest(tmp, [STATE_NAME])     # beside the main model's files' checksums
                 _fsync_tree(tmp)
                 os.replace(tmp, final)
                 _fsync(self.root)
