@@ -36,7 +36,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS \
+                or "default" in text.lower():
             return text
         default = action.default
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):

@@ -88,7 +88,8 @@ def _train_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: i
     g.add_argument("--task-fraction", type=float, default=0.25,
                    help="share of sequences that are retrieval examples (default 0.25)")
     g.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences per evaluation")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
@@ -128,17 +129,19 @@ def register(verb: Verb) -> None:
              cmd_eval)
     p.add_argument("--model", help="a run folder or HF-layout checkpoint; required")
     p.add_argument("--out", default=None, help="folder for eval.json and the pictures")
-    p.add_argument("--attention", choices=["dense", "sparse", "both"], default="both")
+    p.add_argument("--attention", choices=["dense", "sparse", "both"], default="both",
+                   help="evaluate with dense attention, DSA top-k selection, or both")
     p.add_argument("--topk", type=int, default=None, help="index_topk to evaluate with (default: the model's)")
     p.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
     p.add_argument("--lengths", type=_csv(int), default=[512, 1024, 2048], help="prompt lengths in tokens")
     p.add_argument("--depths", type=_csv(float), default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths")
-    p.add_argument("--examples-per-cell", type=int, default=4)
+    p.add_argument("--examples-per-cell", type=int, default=4, help="retrieval examples per length x depth")
     p.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences for the LM loss")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
     p.add_argument("--plot-layer", type=int, default=-1, help="layer of the selection picture (default last)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the retrieval examples")
     _data_flags(p, 1024)
 
 
