@@ -154,10 +154,10 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu", seed: int = 0,
-               topk: int | None = None, verify: bool = False):
+               topk: int | None = None, verify: bool = False, flag: str = "--model"):
     """What every verb's --model/--init names: a checkpoint folder, a run folder (its latest
     checkpoint) or a preset name (random weights, seeded); `topk` loads it with another index_topk;
-    `verify` checks a checkpoint's checksums first."""
+    `verify` checks a checkpoint's checksums first; `flag` names the flag in errors."""
     from .checkpoint import load_pretrained
     from .checkpoint.hf import parse_dtype
     from .config import PRESETS, ModelConfig
@@ -175,7 +175,7 @@ def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu
         model.init_weights(seed=seed)
         model = model.to(device=device, dtype=cast)
     else:
-        raise UserError(f"--model {str(spec)!r} is neither a checkpoint folder nor a preset "
+        raise UserError(f"{flag} {str(spec)!r} is neither a checkpoint folder nor a preset "
                         f"({', '.join(sorted(PRESETS))})")
     if topk is not None and topk != model.config.index_topk:
         weights = model.state_dict()

@@ -27,8 +27,9 @@ from .checkpoint import CheckpointError
 DISTRIBUTED_VERBS = ("pretrain", "sparsify", "sft", "grpo")
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for; reported in one line, exit code 2."""
+class UserError(ValueError):
+    """A mistake in what the user asked for; reported in one line, exit code 2 (a ValueError, so
+    that callers of the Python API catch it like every other bad value)."""
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -100,6 +101,8 @@ def check_args(args: argparse.Namespace) -> None:
 def _what_was_kept(args: argparse.Namespace | None) -> str:
     """For a failure message: the newest complete checkpoint of the run, if the verb has one."""
     out = getattr(args, "out", None)
+    if getattr(args, "verb", None) == "convert":
+        return f"; {args.dst} is as it was (convert installs its files only when all are written)"
     if args is None or getattr(args, "verb", None) not in DISTRIBUTED_VERBS or not out:
         return ""
     from .training.checkpointing import CheckpointFolder
@@ -122,7 +125,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 def describe_error(e: Exception, args: argparse.Namespace | None) -> tuple[int, str]:
     """(exit code, one line) for an error that reached the top."""
     if _is_out_of_disk(e):
-        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        where = f" writing {getattr(args, 'dst', None) or e.filename}" if getattr(e, "filename", None) else ""
         return 1, f"out of disk space{where}{_what_was_kept(args)}"
     if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return 2, f"cannot use {e.filename or 'a path'}: {e.strerror or _one_line(e)}"

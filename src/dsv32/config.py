@@ -253,7 +253,7 @@ class ModelConfig:
         `REQUIRED_HF_FIELDS` must be present (a ValueError lists the missing ones); unknown keys
         are kept in `extra`, with a `ConfigWarning` naming each one not in `QUIET_HF_KEYS`."""
         source = "config"
-        if not isinstance(hf, dict):
+        if isinstance(hf, (str, Path)):
             path = Path(hf)
             if path.is_dir():
                 path = path / "config.json"
@@ -271,7 +271,9 @@ class ModelConfig:
         hf = copy.deepcopy(hf)
         model_type = hf.get("model_type", "deepseek_v32")
         if model_type not in ("deepseek_v32", "deepseek_v3"):
-            raise ValueError(f"config field 'model_type' must be 'deepseek_v32' (or 'deepseek_v3'), got {model_type!r}")
+            where = f"{source}: " if source != "config" else ""
+            raise ValueError(f"{where}config field 'model_type' must be 'deepseek_v32' (or 'deepseek_v3'), "
+                             f"got {model_type!r}")
         missing = [k for k in REQUIRED_HF_FIELDS
                    if hf.get(k) is None and not (k == "n_routed_experts" and hf.get("num_experts") is not None)]
         if missing:

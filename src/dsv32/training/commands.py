@@ -237,7 +237,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     _require(args, "stage", "init", "out")
     if args.stage not in ("warmup", "sparse"):    # a --config value escapes argparse's choices
         raise ValueError(f"--stage must be 'warmup' or 'sparse', got {args.stage!r}")
-    model = load_model(args.init, device=args.device, topk=args.topk)
+    model = load_model(args.init, device=args.device, topk=args.topk, flag="--init")
     if args.stage == "warmup":
         objective = IndexerWarmup()
         attention = AttentionOptions(sparse=False)
