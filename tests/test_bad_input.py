@@ -357,11 +357,17 @@ def test_debug_shows_the_traceback(capsys):
 
 
 def test_a_typo_key_in_a_config_is_a_one_line_warning(files, tmp_path, capsys):
+    import warnings
+
+    from dsv32.cli_support import format_warning
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({**tiny_model().config.to_hf_config(), "hiden_size": 9}))
-    assert main(["info", str(path)]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert len(warnings) == 1 and "unknown key 'hiden_size'" in warnings[0] and "'hidden_size'" in warnings[0]
+    with pytest.warns(UserWarning, match=r"unknown key 'hiden_size' .*did you mean 'hidden_size'") as record:
+        assert main(["info", str(path)]) == 0
+    assert len(record) == 1
+    text = format_warning(record[0].message, record[0].category, record[0].filename, record[0].lineno)
+    assert text.startswith("dsv32: warning: ") and text.count("\n") == 1 and str(path) in text
+    assert warnings.formatwarning is not format_warning          # main() put the usual one back
 
 
 # ------------------------------------------------------------------ the Python API

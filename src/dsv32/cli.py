@@ -22,8 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .cli_support import (DISTRIBUTED_VERBS, HelpFormatter, UserError, check_args, describe_error, human_count,
-                          show_warning)
+from .cli_support import (DISTRIBUTED_VERBS, HelpFormatter, UserError, check_args, describe_error, format_warning,
+                          human_count)
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -361,30 +361,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = None
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warning
-        try:
-            if not argv:
-                parser.print_help()
-                return 0
-            _check_launcher(argv[0])
-            if argv[0] in parser._subparsers._group_actions[0].choices:
-                verb_parser = parser._subparsers._group_actions[0].choices[argv[0]]
-                args = _apply_config(verb_parser, argv[1:])
-                args.verb = argv[0]
-            else:
-                args = parser.parse_args(argv)
-            check_args(args)
-            return int(args.handler(args) or 0)
-        except KeyboardInterrupt:
-            print("dsv32: interrupted", file=sys.stderr)
-            return 130
-        except Exception as e:
-            if debug:
-                raise
-            code, message = describe_error(e, args)
-            print(f"dsv32: error: {message}", file=sys.stderr)
-            return code
+    previous_format, warnings.formatwarning = warnings.formatwarning, format_warning   # one line each
+    try:
+        if not argv:
+            parser.print_help()
+            return 0
+        _check_launcher(argv[0])
+        if argv[0] in parser._subparsers._group_actions[0].choices:
+            verb_parser = parser._subparsers._group_actions[0].choices[argv[0]]
+            args = _apply_config(verb_parser, argv[1:])
+            args.verb = argv[0]
+        else:
+            args = parser.parse_args(argv)
+        check_args(args)
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("dsv32: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        code, message = describe_error(e, args)
+        print(f"dsv32: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

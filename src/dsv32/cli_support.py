@@ -118,8 +118,9 @@ def _is_out_of_disk(e: BaseException) -> bool:
     return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e)
 
 
-def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"dsv32: warning: {' '.join(str(message).split())}", file=sys.stderr)
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, like an error (`warnings.formatwarning`'s signature)."""
+    return f"dsv32: warning: {' '.join(str(message).split())}\n"
 
 
 def describe_error(e: Exception, args: argparse.Namespace | None) -> tuple[int, str]:
