@@ -95,3 +95,25 @@ def test_convert_reports_progress_per_tensor(tmp_path, capsys):
     assert f"tensor {n}/{n}" in err and "model.safetensors" in err
     loaded = dsv32.load_pretrained(tmp_path / "c2", verify=True)
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_training_checkpoints_carry_checksums_of_every_file(tmp_path):
+    from dsv32.training.checkpointing import STATE_NAME, CheckpointFolder
+    model = tiny_model(seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    path = CheckpointFolder(tmp_path).save(2, {"model": model, "reference": tiny_model(seed=1)}, opt, {"step": 2},
+                                           settings={})
+    assert set(verify_checksums(path)) == {"config.json", "model.safetensors", STATE_NAME}
+    assert set(verify_checksums(path / "reference")) == {"config.json", "model.safetensors"}
+    _flip_a_data_byte(path / STATE_NAME)
+    with pytest.raises(CheckpointError, match=STATE_NAME):
+        verify_checksums(path)
+
+
+def test_nan_logits_are_named_where_they_are_sampled():
+    from dsv32.inference.sampling import SamplingParams, sample_next
+    logits = torch.zeros(2, 5)
+    logits[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="logits hold NaN or inf"):
+        sample_next(logits, SamplingParams(temperature=1.0))
+    assert sample_next(torch.zeros(2, 5), SamplingParams(temperature=1.0)).tokens.shape == (2,)
