@@ -31,7 +31,6 @@ _ALLOWED: dict[str, set[str]] = {
     "torch.serialization": {"_get_layout"},           # maps a layout's name to torch.strided etc.
     "torch": {"Size"},
     "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
 }
 
 
