@@ -10,7 +10,9 @@ weights — raises one `CheckpointError` naming the key and the file.
 Writing is safe against interruption: files are written to a temporary folder beside the
 target and moved in only when all are complete; other files already in the target folder
 (a tokenizer, training state) are left alone, and stale weight files of an earlier save are
-removed only after the new ones are in place.
+removed only after the new ones are in place. Each save writes `checksums.sha256` beside the
+files and gives them the umask's mode (`integrity.py`); `verify=True` checks the checksums
+before loading, and a tensor holding NaN or inf is refused on every load.
 """
 
 from __future__ import annotations
