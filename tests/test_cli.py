@@ -3,7 +3,9 @@ and the generate / info / demo verbs end to end on tiny models."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -110,3 +112,47 @@ def test_every_verb_with_a_config_dataclass_has_its_fields_as_flags(tmp_path):
     path.write_text(json.dumps({"bias_gamma": 0.25, "keep": 2, "no_progress": True, "keep_checkpoints": 2}))
     config = config_from_args(_verb_args(["sparsify", "--config", str(path)]), TrainConfig)
     assert (config.bias_update_gamma, config.keep_checkpoints, config.progress) == (0.25, 2, False)
+
+
+# ------------------------------------------------------------------ help and info (issue 13)
+def _actions():
+    parser = build_parser()
+    yield "dsv32", parser
+    for verb, sub in parser._subparsers._group_actions[0].choices.items():
+        yield verb, sub
+
+
+def test_every_flag_of_every_verb_has_help_and_shows_its_default():
+    # Issue 13: --steps, --warmup-steps, --device, --log-every, --seed showed no help or default.
+    missing = []
+    for verb, parser in _actions():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            text = formatter._get_help_string(action)
+            if not (action.help or "").strip():
+                missing.append(f"{verb} {action.dest}: no help")
+            elif action.option_strings and not action.required and "default" not in text.lower():
+                missing.append(f"{verb} {action.option_strings[0]}: no default shown")
+    assert not missing, missing
+
+
+def test_help_output_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--steps STEPS optimizer steps in the whole run (default: 1000)" in out
+    assert "--seed SEED seeds the weights, the data order and the trainer (default: 0)" in out
+
+
+def test_info_prints_sizes_in_m_or_b_as_fits(tmp_path, capsys):
+    # Issue 13: `dsv32 info tiny` printed "0.000 B".
+    assert main(["info", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "0.000 B" not in out and re.search(r"parameters: \d+\.\d\d M main", out)
+    assert main(["info", "v3.2"]) == 0
+    assert "671.878 B main" in capsys.readouterr().out
+    path = tmp_path / "cfg.json"                 # a config.json file works too
+    path.write_text(json.dumps(tiny_model().config.to_hf_config()))
+    assert main(["info", str(path)]) == 0 and "hidden 48" in capsys.readouterr().out

@@ -2,8 +2,13 @@
 
 Every verb takes flags and an optional `--config FILE` (JSON, or TOML on Python >= 3.11) whose
 keys are the verb's flag names (dashes or underscores); flags given on the command line win.
-A user error (bad flag, bad file, bad value) prints one line and exits with code 2, without
-a traceback; set DSV32_DEBUG=1 to see the traceback.
+
+Errors are one line on stderr, never a traceback (unless `--debug`, anywhere on the command
+line, or DSV32_DEBUG=1):
+
+    exit 2   a user error: a bad flag, value, file, output path or checkpoint, named
+    exit 1   a runtime failure (divergence, NaN loss, out of disk, anything unexpected): the
+             cause, and what was kept ("checkpoint runs/x/checkpoints/checkpoint-00000400 is intact")
 """
 
 from __future__ import annotations
@@ -14,16 +19,14 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .checkpoint import CheckpointError
+from .cli_support import (DISTRIBUTED_VERBS, HelpFormatter, UserError, check_args, describe_error, format_warning,
+                          human_count)
 
 Handler = Callable[[argparse.Namespace], int | None]
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; reported in one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,9 +90,27 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
 # ------------------------------------------------------------------------------- verbs
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import convert_checkpoint
+    from .checkpoint.hf import parse_size
+    try:
+        max_shard = parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise UserError(f"--max-shard-size: {e}") from None
     dtype = None if args.dtype in (None, "fp8") else args.dtype
-    out = convert_checkpoint(args.src, args.dst, dtype=dtype, max_shard_size=args.max_shard_size,
-                             drop_mtp=args.drop_mtp, fp8_weights=args.dtype == "fp8")
+    last = {"file": None}
+
+    def progress(done: int, total: int, key: str, file: str) -> None:
+        # One line per tensor on a terminal (rewritten in place), one per source file otherwise.
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\rconvert: tensor {done}/{total} from {file} ({key})\033[K")
+            if done == total:
+                sys.stderr.write("\n")
+        elif file != last["file"] or done == total:
+            print(f"convert: tensor {done}/{total} from {file}", file=sys.stderr)
+        last["file"] = file
+
+    out = convert_checkpoint(args.src, args.dst, dtype=dtype, max_shard_size=max_shard, drop_mtp=args.drop_mtp,
+                             fp8_weights=args.dtype == "fp8", verify=args.verify,
+                             progress=progress if args.progress else None)
     print(f"wrote {out}")
     return 0
 
@@ -99,8 +120,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from .config import ModelConfig
     from .model import DSV32ForCausalLM
-    if Path(args.model).is_dir():
-        cfg = ModelConfig.from_hf_config(Path(args.model) / "config.json")
+    if Path(args.model).is_dir() or Path(args.model).suffix == ".json":
+        cfg = ModelConfig.from_hf_config(args.model)
     else:
         cfg = ModelConfig.preset(args.model)
     with torch.device("meta"):
@@ -114,8 +135,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"layers {cfg.num_hidden_layers} ({moe_layers} MoE), hidden {cfg.hidden_size}, heads "
           f"{cfg.num_attention_heads}, experts {cfg.n_routed_experts} (top-{cfg.num_experts_per_tok}, "
           f"{cfg.n_group} groups keep {cfg.topk_group}), index top-k {cfg.index_topk}")
-    print(f"parameters: {main / 1e9:.3f} B main, {total / 1e9:.3f} B with MTP, "
-          f"{(main - inactive) / 1e9:.3f} B active per token")
+    print(f"parameters: {human_count(main)} main, {human_count(total)} with MTP, "
+          f"{human_count(main - inactive)} active per token")
     print(f"latent KV cache: {cache_bytes / 1024:.1f} KiB per token in bf16 "
           f"(r_kv + d_r + d_I = {cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim} per layer)")
     return 0
@@ -133,21 +154,30 @@ def resolve_model_dir(path: str | Path) -> Path:
     return latest if (latest / "config.json").is_file() or not (latest / "policy").is_dir() else latest / "policy"
 
 
-def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu", seed: int = 0):
+def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu", seed: int = 0,
+               verify: bool = False, flag: str = "--model"):
     """What every verb's --model/--init names: a checkpoint folder, a run folder (its latest
     checkpoint) or a preset name (random weights, seeded). Another top-k needs no other model:
-    pass `AttentionOptions(topk=...)` to its forward."""
+    pass `AttentionOptions(topk=...)` to its forward. `verify` checks a checkpoint's checksums
+    first; `flag` names the flag in errors."""
     from .checkpoint import load_pretrained
+    from .checkpoint.hf import parse_dtype
     from .config import PRESETS, ModelConfig
     from .model import DSV32ForCausalLM
+    try:
+        cast = parse_dtype(dtype)
+    except ValueError as e:
+        raise UserError(f"--dtype: {e}") from None
     if Path(spec).is_dir():
-        model = load_pretrained(resolve_model_dir(spec), dtype=dtype, device=device)
+        model = load_pretrained(resolve_model_dir(spec), dtype=dtype, device=device, verify=verify)
     elif str(spec) in PRESETS:
+        if verify:
+            raise UserError(f"--verify checks a checkpoint's files; {str(spec)!r} is a preset (random weights)")
         model = DSV32ForCausalLM(ModelConfig.preset(str(spec)))
         model.init_weights(seed=seed)
-        model = model.to(device)
+        model = model.to(device=device, dtype=cast)
     else:
-        raise UserError(f"--model {str(spec)!r} is neither a checkpoint folder nor a preset "
+        raise UserError(f"{flag} {str(spec)!r} is neither a checkpoint folder nor a preset "
                         f"({', '.join(sorted(PRESETS))})")
     return model
 
@@ -233,7 +263,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from .inference import generate
     from .tokenizer import tokenizer_for_model
-    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed).eval()
+    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed, verify=args.verify).eval()
     tok = tokenizer_for_model(args.model, args.tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {model.config.vocab_size}")
@@ -280,11 +310,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsv32", description="DeepSeek-V3.2-style models: build, load, train, sparsify, "
-                                               "RL-fine-tune, run, convert.")
+                                               "RL-fine-tune, run, convert.", formatter_class=HelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the "
+                                                             "command line)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
     def verb(name: str, help: str, handler: Handler) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
         p.add_argument("--config", help="JSON/TOML file of option values (flags override)")
         p.set_defaults(handler=handler)
         return p
@@ -292,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("demo", "the whole story on the embedded default: pretrain, sparsify, evaluate, GRPO, "
                      "generate; writes a report", _cmd_demo)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds every stage")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds; a smoke test, not a result)")
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
 
@@ -304,36 +336,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target dtype; fp8 writes block-wise e4m3 weights (default: the config's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
     p.add_argument("--drop-mtp", action="store_true", help="leave out the MTP layers")
+    p.add_argument("--verify", action="store_true", help="check the source's checksums.sha256 first")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="report progress per tensor on stderr")
 
     p = verb("generate", "generate text from a checkpoint (or a preset), streaming to the terminal", _cmd_generate)
     p.add_argument("--model", required=True, help="checkpoint folder, or a preset name (random weights)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: stdin)")
     p.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer.json / folder (default: the "
                                                      "model folder's tokenizer.json, else byte)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling (and a preset's random weights)")
     p.add_argument("--stop", action="append", default=[], help="also stop at this string's first token")
     p.add_argument("--bos", action="store_true", help="prepend the BOS token")
     p.add_argument("--fp8-cache", action="store_true", help="store the latent cache in simulated FP8")
-    p.add_argument("--dtype", default=None, help="parameter dtype (default float32 on CPU)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="parameter dtype (default: float32 on CPU, the config's elsewhere)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--verify", action="store_true", help="check the checkpoint's checksums.sha256 first")
 
     p = verb("info", "print the size of a preset or a checkpoint's config", _cmd_info)
-    p.add_argument("model", help="a preset name (tiny, small, v3.2) or a checkpoint folder")
+    p.add_argument("model", help="a preset name (tiny, small, v3.2), a checkpoint folder or a config.json")
 
     from .training.commands import register as register_training  # pretrain, sparsify, eval
     register_training(verb)
     from .rl import commands as rl_commands
     rl_commands.register(verb)                 # sft, grpo
     return parser
-
-
-# The verbs that shard their model under torchrun (FSDP2, DCP checkpoints, rank-0 reporting);
-# every other verb works on one process and refuses a multi-process launch.
-DISTRIBUTED_VERBS = ("pretrain", "sparsify", "sft", "grpo")
 
 
 def _check_launcher(verb: str) -> None:
@@ -344,27 +376,35 @@ def _check_launcher(verb: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("DSV32_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
+    args = None
+    previous_format, warnings.formatwarning = warnings.formatwarning, format_warning   # one line each
     try:
         if not argv:
             parser.print_help()
             return 0
         _check_launcher(argv[0])
-        verb_parser = parser
         if argv[0] in parser._subparsers._group_actions[0].choices:
             verb_parser = parser._subparsers._group_actions[0].choices[argv[0]]
             args = _apply_config(verb_parser, argv[1:])
+            args.verb = argv[0]
         else:
             args = parser.parse_args(argv)
+        check_args(args)
         return int(args.handler(args) or 0)
-    except (UserError, CheckpointError, ValueError, FileNotFoundError) as e:
-        if os.environ.get("DSV32_DEBUG"):
-            raise
-        print(f"dsv32: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("dsv32: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        code, message = describe_error(e, args)
+        print(f"dsv32: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,33 @@ _ROPE_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_s
 _DERIVED_HF_KEYS = {"head_dim", "qk_head_dim", "layer_types", "architectures", "transformers_version",
                     "model_type", "auto_map", "_name_or_path", "output_router_logits", "mlp_bias",
                     "num_local_experts", "pretraining_tp", "aux_loss_alpha", "seq_aux"}
+
+# Fields a config.json must give: a custom model has no meaningful default for its sizes, layer
+# and head counts, vocabulary, expert counts or ranks (the dataclass defaults are the 671B shape,
+# which only the "v3.2" preset should ever mean). `num_experts` stands for n_routed_experts.
+REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                      "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim",
+                      "index_topk", "n_routed_experts", "num_experts_per_tok")
+
+# Hugging Face keys that do not change the model: kept verbatim in `extra`, without a warning.
+# Any other unknown key is kept too, but warned about by name (with the closest known field).
+QUIET_HF_KEYS = {"ep_size", "quantization_config", "num_experts", "rope_interleave", "id2label", "label2id",
+                 "chunk_size_feed_forward", "is_encoder_decoder", "output_attentions", "output_hidden_states",
+                 "problem_type", "return_dict", "torchscript", "use_bfloat16", "tokenizer_class",
+                 "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "prefix",
+                 "tf_legacy_loss", "tie_encoder_decoder", "add_cross_attention", "is_decoder",
+                 "cross_attention_hidden_size", "max_length", "min_length", "do_sample", "early_stopping",
+                 "num_beams", "num_beam_groups", "temperature", "top_k", "top_p", "typical_p",
+                 "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "num_return_sequences",
+                 "bad_words_ids", "diversity_penalty", "encoder_no_repeat_ngram_size", "forced_bos_token_id",
+                 "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+                 "suppress_tokens", "begin_suppress_tokens", "return_dict_in_generate", "output_scores",
+                 "pruned_heads", "torch_dtype", "rope_parameters", "rope_scaling"}
+
+
+class ConfigWarning(UserWarning):
+    """A config.json key that dsv32 does not know (kept, but it changes nothing)."""
 
 
 @dataclass
@@ -220,21 +249,36 @@ class ModelConfig:
     # ---------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any] | str | Path) -> "ModelConfig":
-        """Build from a `config.json` dict (or a path to one, or to its folder)."""
-        if not isinstance(hf, dict):
+        """Build from a `config.json` dict (or a path to one, or to its folder). Every field of
+        `REQUIRED_HF_FIELDS` must be present (a ValueError lists the missing ones); unknown keys
+        are kept in `extra`, with a `ConfigWarning` naming each one not in `QUIET_HF_KEYS`."""
+        source = "config"
+        if isinstance(hf, (str, Path)):
             path = Path(hf)
             if path.is_dir():
                 path = path / "config.json"
+            source = str(path)
             try:
                 hf = json.loads(path.read_text())
             except FileNotFoundError:
                 raise FileNotFoundError(f"no config.json at {path}") from None
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
+            except IsADirectoryError:
+                raise ValueError(f"{path} is a folder, not a config.json file") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source} must be a JSON object of config fields, got a {type(hf).__name__}")
         hf = copy.deepcopy(hf)
         model_type = hf.get("model_type", "deepseek_v32")
         if model_type not in ("deepseek_v32", "deepseek_v3"):
-            raise ValueError(f"config field 'model_type' must be 'deepseek_v32' (or 'deepseek_v3'), got {model_type!r}")
+            where = f"{source}: " if source != "config" else ""
+            raise ValueError(f"{where}config field 'model_type' must be 'deepseek_v32' (or 'deepseek_v3'), "
+                             f"got {model_type!r}")
+        missing = [k for k in REQUIRED_HF_FIELDS
+                   if hf.get(k) is None and not (k == "n_routed_experts" and hf.get("num_experts") is not None)]
+        if missing:
+            raise ValueError(f"{source} is missing required field(s) {', '.join(missing)}: a custom model has no "
+                             f"default for them (the 671B shape is the 'v3.2' preset)")
         rope = hf.pop("rope_parameters", None)
         legacy = hf.pop("rope_scaling", None)
         rope = rope or legacy
@@ -256,12 +300,20 @@ class ModelConfig:
                 kwargs.setdefault(key, value)
             elif key not in _DERIVED_HF_KEYS:
                 extra[key] = value
+                if key not in QUIET_HF_KEYS:
+                    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    warnings.warn(f"{source}: unknown key {key!r} is kept but changes nothing{hint}",
+                                  ConfigWarning, stacklevel=2)
         if "num_experts" in extra and "n_routed_experts" not in kwargs:
             kwargs["n_routed_experts"] = extra.pop("num_experts")
         if kwargs.get("dtype") is None:
             kwargs.pop("dtype", None)
         kwargs["extra"] = extra
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:     # TypeError: a value of a kind the checks did not expect
+            raise ValueError(f"{source}: {e}" if source != "config" else str(e)) from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """The `config.json` dict, readable by transformers' `DeepseekV32Config` (v5) and by

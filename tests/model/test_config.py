@@ -111,3 +111,40 @@ def test_unknown_preset_and_model_type():
         ModelConfig.preset("v4")
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf_config({**RELEASE_CONFIG, "model_type": "llama"})
+
+
+# ------------------------------------------------------------------ strictness (issue 13)
+def test_a_config_missing_size_fields_is_an_error_listing_them_never_the_671b_defaults(tmp_path):
+    # Issue 13: {"model_type": ...} alone built the 671B model; no hidden_size made `info` say 7168.
+    with pytest.raises(ValueError, match=r"missing required field\(s\) vocab_size, hidden_size, .*num_experts_per_tok"):
+        ModelConfig.from_hf_config({"model_type": "deepseek_v32"})
+    partial = {k: v for k, v in tiny_config().to_hf_config().items() if k != "hidden_size"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(partial))
+    with pytest.raises(ValueError, match=rf"{path} is missing required field\(s\) hidden_size:"):
+        ModelConfig.from_hf_config(path)
+    # `num_experts` (another HF spelling) stands in for n_routed_experts.
+    hf = tiny_config().to_hf_config()
+    hf["num_experts"] = hf.pop("n_routed_experts")
+    assert ModelConfig.from_hf_config(hf).n_routed_experts == tiny_config().n_routed_experts
+
+
+def test_unknown_keys_are_warned_with_the_closest_field_but_quiet_hf_keys_are_not():
+    hf = {**tiny_config().to_hf_config(), "hiden_size": 9, "ep_size": 1, "id2label": {"0": "a"}}
+    with pytest.warns(UserWarning, match=r"unknown key 'hiden_size' .*did you mean 'hidden_size'") as record:
+        cfg = ModelConfig.from_hf_config(hf)
+    assert len(record) == 1 and cfg.hidden_size == tiny_config().hidden_size
+    assert cfg.extra["hiden_size"] == 9          # still written back unchanged
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelConfig.from_hf_config(RELEASE_CONFIG)   # the release's own keys: not a word
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "must be a JSON object .* got a list"),
+                                           ("3", "got a int"), ("{bad", "not valid JSON")])
+def test_a_config_that_is_not_a_json_object_is_one_error(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config(path)

@@ -10,7 +10,9 @@ weights — raises one `CheckpointError` naming the key and the file.
 Writing is safe against interruption: files are written to a temporary folder beside the
 target and moved in only when all are complete; other files already in the target folder
 (a tokenizer, training state) are left alone, and stale weight files of an earlier save are
-removed only after the new ones are in place.
+removed only after the new ones are in place. Each save writes `checksums.sha256` beside the
+files and gives them the umask's mode (`integrity.py`); `verify=True` checks the checksums
+before loading, and a tensor holding NaN or inf is refused on every load.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +33,8 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..model import DSV32ForCausalLM
 from . import fp8
+from .errors import CheckpointError
+from .integrity import MANIFEST_NAME, follow_umask, verify_checksums, write_manifest
 from .keymap import Target, expected_hf_shapes, hf_state_items, hf_to_dsv32
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,10 +43,6 @@ _SUPPORTED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as the model its config describes."""
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -55,13 +55,22 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def parse_size(size: int | str | None) -> int | None:
     """'5GB', '500MB', '10KB' or a byte count."""
-    if size is None or isinstance(size, int):
+    if size is None:
         return size
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"shard size must be at least 1 byte, got {size}")
+        return size
+    if not isinstance(size, str):
+        raise ValueError(f"shard size must look like '5GB' or '500MB', got {size!r}")
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
     if not m:
         raise ValueError(f"shard size must look like '5GB' or '500MB', got {size!r}")
     unit = (m.group(2) or "B").upper().replace("I", "")
-    return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[unit])
+    size = int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[unit])
+    if size < 1:
+        raise ValueError(f"shard size must be at least 1 byte, got {m.group(0).strip()!r}")
+    return size
 
 
 # ------------------------------------------------------------------------------- reading
@@ -191,6 +200,9 @@ def read_hf_tensors(root: Path, cfg: ModelConfig, expected: dict[str, tuple[int,
         if tuple(tensor.shape) != expected[key]:
             raise CheckpointError(f"tensor {key!r} in {path.name} has shape {tuple(tensor.shape)}, but config.json "
                                   f"implies {expected[key]}; the config contradicts the weights")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"tensor {key!r} in {path} holds NaN or inf: the checkpoint is damaged or was "
+                                  f"saved from a diverged run")
         seen.add(key)
         yield key, tensor, path
     missing = [k for k in expected if k not in seen]
@@ -200,15 +212,19 @@ def read_hf_tensors(root: Path, cfg: ModelConfig, expected: dict[str, tuple[int,
 
 
 def load_pretrained(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                    load_mtp: bool = True, strict: bool = True) -> DSV32ForCausalLM:
+                    load_mtp: bool = True, strict: bool = True, verify: bool = False) -> DSV32ForCausalLM:
     """Load a HF-layout checkpoint into a `DSV32ForCausalLM`.
 
     dtype: parameter dtype; default float32 on CPU (bf16 matmul is ~400x slower there) and
     the config's dtype elsewhere. load_mtp=False drops the MTP modules. strict=False ignores
-    unexpected tensors and leaves missing ones at their initial values."""
+    unexpected tensors and leaves missing ones at their initial values. verify=True first
+    checks every file against the folder's `checksums.sha256` (a CheckpointError names a
+    corrupt file). A tensor holding NaN or inf is always refused, naming the tensor and file."""
     root = Path(path)
     if not (root / "config.json").exists():
         raise CheckpointError(f"no config.json in {root}")
+    if verify:
+        verify_checksums(root)
     try:
         cfg = ModelConfig.from_hf_config(root / "config.json")
     except ValueError as e:
@@ -327,7 +343,11 @@ def write_checkpoint(items: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig
     try:
         names = _write_shards(items, tmp, parse_size(max_shard_size), {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        _install(tmp, dest, names + ["config.json"])
+        names.append("config.json")
+        write_manifest(tmp, names)
+        names.append(MANIFEST_NAME)
+        follow_umask(tmp / name for name in names)
+        _install(tmp, dest, names)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -360,13 +380,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str | None = None,
                        max_shard_size: int | str | None = "5GB", drop_mtp: bool = False,
-                       fp8_weights: bool = False) -> Path:
+                       fp8_weights: bool = False, verify: bool = False,
+                       progress: Callable[[int, int, str, str], None] | None = None) -> Path:
     """Stream a checkpoint tensor by tensor into a new one (never holding the whole model):
     FP8 -> bf16/fp32, a dtype change, re-sharding, dropping MTP, or quantising to FP8.
-    Every tensor is validated against the config as on load."""
+    Every tensor is validated against the config as on load; verify=True first checks the
+    source's checksums. `progress(done, total, key, file)` is called after each tensor read."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError("convert writes a new checkpoint; the destination must differ from the source")
+    max_shard_size = parse_size(max_shard_size)
+    if verify:
+        verify_checksums(src)
     try:
         cfg = ModelConfig.from_hf_config(src / "config.json")
     except FileNotFoundError:
@@ -381,7 +406,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str | None = 
     expected = expected_hf_shapes(model, cfg)
 
     def items() -> Iterator[tuple[str, torch.Tensor]]:
-        for key, tensor, _ in read_hf_tensors(src, cfg, expected, strict=True):
+        for done, (key, tensor, path) in enumerate(read_hf_tensors(src, cfg, expected, strict=True), start=1):
+            if progress is not None:
+                progress(done, len(expected), key, path.name)
             if drop_mtp and _is_mtp_key(key, cfg):
                 continue
             yield key, tensor.float() if _keeps_fp32(key) else tensor.to(target)

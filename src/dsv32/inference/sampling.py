@@ -17,6 +17,7 @@ temperature), so that pi_theta and pi_old share one action space.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ class SamplingParams:
     top_p: float = 1.0           # 1 = off
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
@@ -88,10 +90,16 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     mask = kept_mask(scaled, params)
     logp = full_logp if mask is None else torch.log_softmax(scaled.masked_fill(~mask, float("-inf")), -1)
     probs = logp.exp()
-    if generators is None:
-        tokens = torch.multinomial(probs, 1).squeeze(-1)
-    else:
-        tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    try:
+        if generators is None:
+            tokens = torch.multinomial(probs, 1).squeeze(-1)
+        else:
+            tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    except RuntimeError as e:    # the draw is where NaN/inf logits surface; checking earlier costs a sync
+        if bool(torch.isfinite(logits).all()):
+            raise
+        raise FloatingPointError("the model's logits hold NaN or inf: its weights or activations overflowed "
+                                 f"(temperature {params.temperature})") from e
     chosen = tokens[:, None]
     kept = None
     if mask is not None:

@@ -6,6 +6,8 @@ the run's settings; written atomically, pruned, checked against the current sett
         config.json, model.safetensors     the model named "model" (the trainer's), in the Hugging
                                            Face layout at the top, so `dsv32.load_pretrained(folder)`
                                            loads the checkpoint as it is
+        checksums.sha256                   sha256 of every file above and of trainer_state.pt
+                                           (each model folder has its own; `sha256sum -c` reads it)
         policy/, reference/                any other named model (GRPO's), each in its own folder
         trainer_state.pt                   loop state (step, data position, ...), format, RNG
                                            states (torch, CUDA, Python `random`, NumPy), the run's
@@ -21,8 +23,9 @@ save) removes the crash leftovers of every writer this project has had: `.checkp
 (this module's temporary folders, the old GRPO writer's `.checkpoint-N.tmp-PID` and
 `.checkpoint-N.old-PID`) and `..checkpoint-*` (the HF writer's own temporary folder beside a
 temporary checkpoint folder), in the checkpoint root and in the run folder above it (where GRPO
-used to write). Reading uses `torch.load(weights_only=True)` only: nothing in a checkpoint can
-run code.
+used to write). Reading uses `torch.load(weights_only=True)`, safetensors, and for DCP metadata
+(a pickle) an unpickler that admits only DCP's own classes (`checkpoint.dcp_reader`): nothing in
+a checkpoint can run code.
 
 Optimizer state: by parameter name (torch.distributed.checkpoint.state_dict's full form), so a
 checkpoint resumes at any world size; under torchrun every rank calls `save`/`load`, the full
@@ -62,6 +65,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from ..checkpoint import load_pretrained, write_checkpoint
+from ..checkpoint.integrity import write_manifest
 from ..checkpoint.keymap import hf_state_items
 from ..config import ModelConfig
 from ..distributed import DistInfo, barrier, single_process_dcp
@@ -242,6 +246,7 @@ class CheckpointFolder:
                 if self.during_write is not None:
                     self.during_write(tmp)
                 torch.save(record, tmp / STATE_NAME)
+                write_manifest(tmp, [STATE_NAME])     # beside the main model's files' checksums
                 _fsync_tree(tmp)
                 os.replace(tmp, final)
                 _fsync(self.root)
@@ -312,11 +317,17 @@ class CheckpointFolder:
                       opt_name: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import DefaultLoadPlanner
+
+        from ..checkpoint.dcp_reader import SafeFileSystemReader, read_dcp_metadata
+        # The metadata is a pickle: read with an unpickler that admits only DCP's classes, once
+        # here so that a refusal is our one error rather than DCP's per-rank exception report.
+        read_dcp_metadata(str(path / DCP_DIR / ".metadata"))
         target = {name: get_model_state_dict(m) for name, m in models.items() if name != opt_name}
         target[opt_name], target["optimizer"] = get_state_dict(models[opt_name], optimizer)
         # Partial: parameters that never received a gradient have no optimizer state in the checkpoint.
         with single_process_dcp(self.dist):
-            dcp.load(target, checkpoint_id=str(path / DCP_DIR), planner=DefaultLoadPlanner(allow_partial_load=True))
+            dcp.load(target, storage_reader=SafeFileSystemReader(str(path / DCP_DIR)),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(models[opt_name], optimizer, model_state_dict=target[opt_name],
                        optim_state_dict=target["optimizer"])
         for name, model in models.items():

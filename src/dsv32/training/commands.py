@@ -99,7 +99,8 @@ def _train_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: i
     g.add_argument("--task-fraction", type=float, default=0.25,
                    help="share of sequences that are retrieval examples (default 0.25)")
     g.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences per evaluation")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)")
@@ -238,7 +239,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     _require(args, "stage", "init", "out")
     if args.stage not in ("warmup", "sparse"):    # a --config value escapes argparse's choices
         raise ValueError(f"--stage must be 'warmup' or 'sparse', got {args.stage!r}")
-    model = load_model(args.init, device=args.device)
+    model = load_model(args.init, device=args.device, flag="--init")
     if args.topk is not None:
         _record_topk(model, args.topk)
     if args.stage == "warmup":

@@ -251,6 +251,8 @@ class Trainer:
         step. Either way the last step is checkpointed. Returns the train records of the steps
         run by this call."""
         cfg = self.config
+        if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
+            raise ValueError(f"--stop-at must be a step >= 1, got {stop_at!r}")
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if self.checkpointer is not None:
             self.checkpointer.clean_leftovers()
