@@ -6,14 +6,17 @@ indexer."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 
-from dsv32.rl import collect_rollout, policy_logprobs, task_examples
+from dsv32.rl import GRPOConfig, collect_rollout, policy_logprobs, task_examples, train_grpo
 from dsv32.rl.datasets import encode_prompt
 from dsv32.rl.rollout import concat_rollouts
 from tests.conftest import randomize_, tiny_model
-from tests.rl.helpers import TOKENIZER, arithmetic, tiny_policy
+from tests.rl.helpers import TOKENIZER, arithmetic, digit_reward, tiny_policy
 
 T = 0.9
 TOPK = 4
@@ -104,3 +107,19 @@ def test_nothing_is_recorded_where_every_key_is_selected():
     assert r.selection == {} and r.selection_bytes == 0
     logp, _, _ = policy_logprobs(dense, r, temperature=T, keep_selection=True)
     torch.testing.assert_close(_gap(logp, r), torch.zeros_like(_gap(logp, r)), atol=2e-5, rtol=0)
+
+
+def test_grpo_logs_what_keep_selection_costs_and_trains_on_the_sampled_path(model):
+    config = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, temperature=T, beta=0.0,
+                        kl_estimator="none", seed=3)
+    on = train_grpo(copy.deepcopy(model), TOKENIZER, arithmetic(2), config, reward_fns=digit_reward,
+                    show_progress=False)[0]
+    layers = model.config.num_hidden_layers
+    assert on["selection_bytes_per_token"] == layers * TOPK * 4
+    # 4 rows x N positions (N: the longest completion, >= the mean length)
+    assert on["selection_bytes"] >= layers * TOPK * 4 * 4 * on["response_length"]
+    assert on["selection_bytes"] % (layers * TOPK * 4 * 4) == 0
+    assert on["mismatch"] < 1e-5
+    off = train_grpo(copy.deepcopy(model), TOKENIZER, arithmetic(2), replace(config, keep_selection=False),
+                     reward_fns=digit_reward, show_progress=False)[0]
+    assert "selection_bytes" not in off
