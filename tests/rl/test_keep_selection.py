@@ -27,11 +27,11 @@ def model():
     return tiny_model("policy", index_topk=TOPK).eval()
 
 
-def _rollout(model, prefill_chunk=None, n=3, digits=1):
+def _rollout(model, prefill_chunk=None, n=3, digits=1, prompt=False):
     examples = task_examples("arithmetic", n, seed=0, options={"digits": digits})
     return collect_rollout(model, TOKENIZER, examples, group_size=2, max_new_tokens=8,
                            temperature=T, seeds=list(range(2 * n)), record_selection=True,
-                           prefill_chunk=prefill_chunk)
+                           record_prompt_selection=prompt, prefill_chunk=prefill_chunk)
 
 
 def _gap(logp, batch):
@@ -78,17 +78,41 @@ def test_replay_follows_the_recording_not_the_trainers_indexer():
 
 
 @torch.no_grad()
+def test_prompt_replay_makes_the_forward_the_samplers_whatever_its_indexer(model):
+    """Top-k below the prompt width: prompt queries select too, so a trainer with other indexers
+    differs even with the completion's selection replayed -- and not once the prompt's is."""
+    r = _rollout(model, prefill_chunk=5, prompt=True)
+    P = r.prompt_len
+    for layer, s in r.prompt_selection.items():
+        assert s.dtype == torch.int32 and s.shape == (r.size, P - 1, TOPK)
+        assert (s[:, TOPK:] >= 0).all()                        # every query past slot TOPK-1 chose TOPK keys
+    trainer = tiny_model("policy", index_topk=TOPK).eval()
+    for layer in trainer.model.layers:
+        randomize_(layer.self_attn.indexer, seed=7, std=0.3)
+    completion_only, _, _ = policy_logprobs(trainer, r, temperature=T, keep_selection=True)
+    both, _, _ = policy_logprobs(trainer, r, temperature=T, keep_selection=True, keep_prompt_selection=True)
+    assert _gap(completion_only, r).mean() > 0.05
+    torch.testing.assert_close(_gap(both, r), torch.zeros_like(_gap(both, r)), atol=2e-5, rtol=0)
+    assert r.selection_bytes == model.config.num_hidden_layers * TOPK * 4 * r.size * (P - 1 + r.tokens.shape[1])
+
+
+@torch.no_grad()
 def test_concatenated_rollouts_shift_selected_slots_with_the_prompt_padding(model):
     """Rollouts with different prompt widths (as gathered across ranks) keep their replay exact."""
-    a, b = _rollout(model, n=2, digits=2), _rollout(model, n=2, digits=1)
+    a, b = _rollout(model, n=2, digits=2, prompt=True), _rollout(model, n=2, digits=1, prompt=True)
     assert a.prompt_len > b.prompt_len
     both = concat_rollouts([a, b])
-    logp, _, _ = policy_logprobs(model, both, temperature=T, keep_selection=True)
+    logp, _, _ = policy_logprobs(model, both, temperature=T, keep_selection=True, keep_prompt_selection=True)
     torch.testing.assert_close(_gap(logp, both), torch.zeros_like(_gap(logp, both)), atol=2e-5, rtol=0)
     shift = a.prompt_len - b.prompt_len
     for layer, s in b.selection.items():
         moved = both.selection[layer][a.size:, :s.shape[1], :s.shape[2]]
         assert torch.equal(moved, torch.where(s >= 0, s + shift, s))
+    for layer, s in b.prompt_selection.items():
+        moved = both.prompt_selection[layer][a.size:]
+        assert (moved[:, :shift] == -1).all()
+        assert torch.equal(moved[:, shift:, :s.shape[2]], torch.where(s >= 0, s + shift, s))
+    assert both.select(torch.tensor([0, 5])).prompt_selection[0].shape[:2] == (2, both.prompt_len - 1)
 
 
 def test_keep_selection_needs_a_recording(model):
@@ -97,6 +121,8 @@ def test_keep_selection_needs_a_recording(model):
     assert r.selection is None
     with pytest.raises(ValueError, match="record_selection=True"):
         policy_logprobs(model, r, temperature=T, keep_selection=True)
+    with pytest.raises(ValueError, match="record_prompt_selection=True"):
+        policy_logprobs(model, r, temperature=T, keep_prompt_selection=True)
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ Per generated token the result holds the token id, its log-probability under the
 sampled from and under the untruncated one, the kept set of the truncation, and (optionally)
 the MoE expert ids chosen in every layer — for the prompt too, since replaying routing in
 training covers the whole sequence — and (optionally) the key slots each sparse layer selected
-for the query that predicted the token: only for generated tokens, int32, so the cost is
-layers x K x 4 bytes per generated token (see `GenerationResult.indices`). A row that meets a stop token stops; later slots hold
-`pad_id` with log-probabilities 0 and do not count.
+for the query that predicted the token (int32: layers x K x 4 bytes per generated token; see
+`GenerationResult.indices`), and on request for the other prompt tokens. A row that meets a
+stop token stops; later slots hold `pad_id` with log-probabilities 0 and do not count.
 
 Input is validated before any work (empty prompt, ids outside the vocabulary, a length beyond
 max_position_embeddings, bad sampling parameters), so a bad call leaves nothing half-written.
@@ -48,6 +48,8 @@ class GenerationResult:
     # whose logits sampled token t (the last prompt token, then each fed-back token); -1 = empty,
     # and a row of -1 where every key was selected (the cache held <= topk keys: nothing to keep).
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> (B, P - 1, K) int32: the same for the prompt's other queries (slots 0 .. P-2).
+    prompt_indices: dict[int, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -140,6 +142,7 @@ def generate(
     stream: StreamCallback | None = None,
     record_routing: bool = False,
     record_indices: bool = False,
+    record_prompt_indices: bool = False,
     record_kept: bool = True,
     cache: str = "static",
     fp8_cache: bool = False,
@@ -154,7 +157,8 @@ def generate(
     stream(step, tokens (B,), finished (B,)) is called after every step. cache: "static"
     (preallocated) or "growing". prefill_chunk: prefill the prompt this many tokens at a time.
     record_indices: record each sparse layer's selected key slots for every generated token
-    (`GenerationResult.indices`; what GRPO's keep selection replays).
+    (`GenerationResult.indices`; what GRPO's keep selection replays); record_prompt_indices:
+    also for the other prompt tokens (`GenerationResult.prompt_indices`).
     sync_ranks: every rank of a process group calls this together (an FSDP-sharded model needs
     all ranks in each forward pass): prompts are padded to the longest on any rank and the
     loop stops only when every rank's rows have stopped.
@@ -196,16 +200,20 @@ def generate(
     opts = attention or model.attention
     topk = cfg.index_topk if opts.topk is None else opts.topk
     selected: list[tuple[int, dict[int, torch.Tensor]]] = []      # (step, {layer: (B, 1, K)})
+    prompt_selected: list[tuple[int, dict[int, torch.Tensor]]] = []   # (first slot, {layer: (B, chunk, K)})
     chunk = prefill_chunk or P
     logits = None
     for c0 in range(0, P, chunk):
-        keep = record_indices and opts.sparse and c0 + chunk >= P and P > topk
+        last = c0 + chunk >= P
+        keep = opts.sparse and min(c0 + chunk, P) > topk and (record_prompt_indices or (record_indices and last))
         out = model(ids[:, c0:c0 + chunk], attention_mask=mask[:, c0:c0 + chunk], cache=kv, attention=attention,
                     records=Records(record_routing=record_routing, record_indices=keep), logits_to_keep=1)
         logits = out.logits[:, -1]
         for layer, r in out.routing.items():
             routing.setdefault(layer, []).append(r)
-        if keep:
+        if keep and record_prompt_indices:
+            prompt_selected.append((c0, out.indices))
+        if keep and record_indices and last:
             selected.append((0, {layer: idx[:, -1:] for layer, idx in out.indices.items()}))
 
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -251,19 +259,20 @@ def generate(
             missing = P + n - r.shape[1]
             result.routing[layer] = torch.nn.functional.pad(r, (0, 0, 0, missing), value=-1)
     result.indices = _stack_indices(selected, B, n, device)
+    result.prompt_indices = _stack_indices(prompt_selected, B, P - 1, device)
     return result
 
 
 def _stack_indices(selected: list[tuple[int, dict[int, torch.Tensor]]], B: int, n: int,
                    device) -> dict[int, torch.Tensor]:
-    """{layer: (B, n, K_max) int32} from per-step (B, 1, K_step) selections; steps not given
-    (and slots past a step's width) are -1."""
+    """{layer: (B, n, K_max) int32} from blocks (first row, {layer: (B, rows, K_block)}); rows
+    past n are dropped, rows not given (and slots past a block's width) are -1."""
     out: dict[int, torch.Tensor] = {}
     for layer in (selected[0][1] if selected else {}):
         K = max(parts[layer].shape[-1] for _, parts in selected)
         idx = torch.full((B, n, K), -1, dtype=torch.int32, device=device)
-        for step, parts in selected:
-            if step < n:
-                idx[:, step, :parts[layer].shape[-1]] = parts[layer][:, 0]
+        for row, parts in selected:
+            block = parts[layer][:, : max(0, n - row)]
+            idx[:, row: row + block.shape[1], : block.shape[-1]] = block
         out[layer] = idx
     return out

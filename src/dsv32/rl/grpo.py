@@ -24,14 +24,15 @@ but it is on by default for the reason keep routing is: a top-k decision flipped
 sampler and the trainer trains a path that did not generate the token. It costs nothing where
 every key is selected (sequences <= index_topk, nothing is recorded) and layers x K x 4 bytes
 per completion token where selection bites (`selection_bytes` per rollout and
-`selection_bytes_per_token` are logged).
+`selection_bytes_per_token` are logged). `keep_prompt_selection` (off) replays the prompt's
+selections too, for samplers whose numerics differ from the trainer's (see `dsv32.rl.replay`).
 
 Metrics per step: reward_mean, reward_std (mean within-group), accuracy (task scorer, sampled
 completions), zero_std_frac, reward_failures, response_length, truncated_frac; averaged over the
 step's updates: loss, pg_objective, kl (kl_mean), clip_frac, masked_frac, kl_old_theta,
 ratio_mean, entropy, grad_norm; ratio_max / ratio_min over all updates; with keep selection,
 selection_bytes (the recorded selection of this rank's rollout) and selection_bytes_per_token
-(its bytes per completion position: layers x K x 4); mismatch, the mean
+(per completion position: layers x K x 4, more with keep_prompt_selection); mismatch, the mean
 |log pi_theta - log pi_old| at the step's first update, where the weights are still the
 sampler's — any deviation there is sampler/trainer mismatch, not learning; eval_accuracy
 (greedy, held-out) every `eval_every` steps; rollout_seconds (sampling and scoring) and
@@ -118,6 +119,8 @@ class GRPOConfig:
     keep_routing: bool = _opt(True, "replay the sampler's MoE expert ids in training")
     keep_sampling_mask: bool = _opt(True, "compute pi_theta and pi_ref over the sampler's kept set")
     keep_selection: bool = _opt(True, "replay the sampler's DSA key selection for completion tokens in training")
+    keep_prompt_selection: bool = _opt(False, "replay it for prompt tokens too (exact whatever the sampler's "
+                                              "numerics; costs layers x K x 4 B per prompt token per sample)")
     failure_reward: float = _opt(0.0, "what a failed reward call scores")
     seed: int = _opt(0, "seeds the prompt order, rollouts and mini-batches")
     checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end only")
@@ -146,7 +149,8 @@ class GRPOConfig:
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_number("failure_reward", self.failure_reward)
-        for name in ("sampler_fp8_cache", "scale_by_std", "keep_routing", "keep_sampling_mask", "keep_selection"):
+        for name in ("sampler_fp8_cache", "scale_by_std", "keep_routing", "keep_sampling_mask", "keep_selection",
+                     "keep_prompt_selection"):
             check_bool(name, getattr(self, name))
 
 
@@ -164,7 +168,8 @@ def _reference_logprobs(reference: DSV32ForCausalLM, rollout: Rollout, cfg: GRPO
         part = rollout.select(idx)
         logp, _, _ = policy_logprobs(reference, part, temperature=cfg.temperature,
                                      keep_routing=cfg.keep_routing, keep_sampling_mask=cfg.keep_sampling_mask,
-                                     keep_selection=cfg.keep_selection)
+                                     keep_selection=cfg.keep_selection,
+                                     keep_prompt_selection=cfg.keep_prompt_selection)
         out[idx, :logp.shape[1]] = logp
     return out
 
@@ -227,7 +232,8 @@ def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, roll
             logp, logits, kept = policy_logprobs(policy, mb, temperature=cfg.temperature,
                                                  keep_routing=cfg.keep_routing,
                                                  keep_sampling_mask=cfg.keep_sampling_mask,
-                                                 keep_selection=cfg.keep_selection)
+                                                 keep_selection=cfg.keep_selection,
+                                                 keep_prompt_selection=cfg.keep_prompt_selection)
             ref = None if ref_logp is None else ref_logp[idx, :logp.shape[1]]
             loss, m = grpo_loss(logp, mb.logp_old, mb.advantages, mb.completion_mask, logp_ref=ref,
                                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
@@ -346,6 +352,7 @@ def train_grpo(
         rollout = collect_rollout(policy, tokenizer, examples, group_size=G, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds,
                                   record_routing=cfg.keep_routing, record_selection=cfg.keep_selection,
+                                  record_prompt_selection=cfg.keep_prompt_selection,
                                   fp8_cache=cfg.sampler_fp8_cache,
                                   sync_ranks=info.enabled)
         B = rollout.size
@@ -368,7 +375,7 @@ def train_grpo(
             "response_length": float(rollout.lengths.float().mean()),
             "truncated_frac": rollout.finish_reason.count("length") / B,
         }
-        if cfg.keep_selection:
+        if cfg.keep_selection or cfg.keep_prompt_selection:
             record["selection_bytes"] = rollout.selection_bytes
             record["selection_bytes_per_token"] = rollout.selection_bytes / max(1, rollout.completion_mask.numel())
         if info.enabled:

@@ -19,12 +19,15 @@ keep_selection: each sparse layer attends, at the query that predicts completion
     near the top-k boundary rank differently under the sampler's chunked, cached numerics and
     the training forward's one-shot ones (or after an update), and one key in or out moves the
     token's log-prob (on a random `tiny` model with top-k below the length, by up to 0.25 nats
-    at identical weights). Prompt queries are not replayed: they select afresh, from the same
-    prompt and weights. Ties are broken by key slot in every path, so their selection can only
-    differ where float noise reorders two scores closer than its size -- recording them would
-    cost layers x K x 4 bytes per prompt token of every sample of a group, usually far more
-    than the completion. Positions with nothing recorded (-1 rows: steps where the cache held
+    at identical weights). Positions with nothing recorded (-1 rows: steps where the cache held
     at most topk keys, so every key was selected) select afresh, which selects the same.
+keep_prompt_selection: the prompt's queries replay theirs too. Off by default: they select
+    afresh, from the same prompt and weights, and ties are broken by key slot in every path, so
+    with the sampler's numerics equal to the trainer's their selection differs only where float
+    noise reorders two scores closer than its size (benchmarks/keep_selection.py: none of 1280
+    in fp32); recording them costs layers x K x 4 bytes per prompt token of every sample, usually
+    far more than the completion. A sampler with other numerics (the FP8 cache) flips many of
+    them, and then only this makes the forward the sampler's.
 keep_sampling_mask: log-probs are renormalised over the kept set of the sampler's top-k/top-p
     truncation at each position, at the sampling temperature, so pi_theta shares the action
     space of the distribution the tokens were drawn from.
@@ -65,6 +68,7 @@ def policy_logprobs(
     keep_routing: bool = True,
     keep_sampling_mask: bool = True,
     keep_selection: bool = False,
+    keep_prompt_selection: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log pi(completion tokens) under `model`, replaying the sampler's records as switched.
 
@@ -81,6 +85,9 @@ def policy_logprobs(
     if keep_selection and batch.selection is None:
         raise ValueError("keep_selection=True needs the selection recorded at sampling "
                          "(collect_rollout(..., record_selection=True))")
+    if keep_prompt_selection and batch.prompt_selection is None:
+        raise ValueError("keep_prompt_selection=True needs the prompt's selection recorded at sampling "
+                         "(collect_rollout(..., record_prompt_selection=True))")
     P = batch.prompt_len
     N = batch.completion_mask.shape[1]
     end = P + N - 1
@@ -88,8 +95,11 @@ def policy_logprobs(
     if keep_routing:
         routing = {layer: r[:, :end] for layer, r in batch.routing.items()}
     indices = None
-    if keep_selection:
-        indices = {layer: _completion_rows(s[:, :N], P, end) for layer, s in batch.selection.items()}
+    if keep_selection or keep_prompt_selection:
+        completion = batch.selection if keep_selection else {}
+        prompt = batch.prompt_selection if keep_prompt_selection else {}
+        indices = {layer: _replay_rows(completion.get(layer), prompt.get(layer), batch.size, P, N)
+                   for layer in sorted({*completion, *prompt})}
     out = model(batch.sequences[:, :end], attention_mask=batch.attention_mask[:, :end],
                 records=Records(replay_routing=routing, replay_indices=indices), logits_to_keep=N)
     logits = out.logits.float() / temperature                                # (B, N, V)
@@ -99,9 +109,17 @@ def policy_logprobs(
     return logp, logits, kept
 
 
-def _completion_rows(selection: torch.Tensor, P: int, end: int) -> torch.Tensor:
-    """(B, N, K) selections of the queries at slots P-1 .. end-1 -> (B, end, K) over every query
-    of the forward, the prompt's rows -1 (select afresh)."""
-    B, N, K = selection.shape
-    prompt = torch.full((B, end - N, K), -1, dtype=selection.dtype, device=selection.device)
-    return torch.cat((prompt, selection), dim=1)
+def _replay_rows(completion: torch.Tensor | None, prompt: torch.Tensor | None, B: int, P: int,
+                 N: int) -> torch.Tensor:
+    """The (B, P-1+N, K) replay over every query of the forward from the prompt's (B, P-1, K)
+    (slots 0 .. P-2) and the completion's (B, >= N, K) selections (slots P-1 ..); a part not
+    given is -1 (select afresh)."""
+    given = [t for t in (prompt, completion) if t is not None]
+    K = max(t.shape[-1] for t in given)
+
+    def part(t: torch.Tensor | None, rows: int) -> torch.Tensor:
+        if t is None:
+            return torch.full((B, rows, K), -1, dtype=torch.int32, device=given[0].device)
+        return torch.nn.functional.pad(t[:, :rows], (0, K - t.shape[-1]), value=-1)
+
+    return torch.cat((part(prompt, P - 1), part(completion, N)), dim=1)

@@ -19,6 +19,8 @@ k = num_experts_per_tok.
                                   query that predicted completion token t (slot P-1+t; -1
                                   empty, a row of -1 = every key was selected); None when not
                                   recorded, {} when no step had more keys than topk
+    prompt_selection {layer: (B, P - 1, K) int32} the same for the prompt's other queries
+                                  (slots 0 .. P-2); None when not recorded
 
 Left out on purpose: asynchronous or partial rollouts (the sampler here is the policy itself,
 run synchronously between updates) and dropping of failed generations (every row is kept).
@@ -56,11 +58,13 @@ class Rollout:
     finish_reason: list[str]              # (B,) "stop" | "length"
     advantages: torch.Tensor | None = None   # (B,) set by the trainer once rewards are known
     selection: dict[int, torch.Tensor] | None = None
+    prompt_selection: dict[int, torch.Tensor] | None = None
 
     @property
     def selection_bytes(self) -> int:
-        """Bytes held by `selection` (layers x K x 4 per completion position)."""
-        return sum(t.numel() * t.element_size() for t in (self.selection or {}).values())
+        """Bytes held by `selection` and `prompt_selection` (layers x K x 4 per position)."""
+        held = [*(self.selection or {}).values(), *(self.prompt_selection or {}).values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @property
     def size(self) -> int:
@@ -98,6 +102,8 @@ class Rollout:
             finish_reason=[self.finish_reason[i] for i in rows],
             advantages=None if self.advantages is None else self.advantages[idx],
             selection=None if self.selection is None else {layer: s[idx, :n] for layer, s in self.selection.items()},
+            prompt_selection=None if self.prompt_selection is None else
+            {layer: s[idx] for layer, s in self.prompt_selection.items()},
         )
 
 
@@ -128,9 +134,16 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     selection = None
     if all(r.selection is not None for r in parts):
         layers = sorted({layer for r in parts for layer in r.selection})
-        selection = {layer: _cat_selection([(r.selection.get(layer), P - r.prompt_len, r.size) for r in parts], N,
-                                           parts[0].sequences.device)
+        selection = {layer: _cat_selection([(r.selection.get(layer), P - r.prompt_len, r.size, 0) for r in parts],
+                                           N, parts[0].sequences.device)
                      for layer in layers}
+    prompt_selection = None
+    if all(r.prompt_selection is not None for r in parts):
+        layers = sorted({layer for r in parts for layer in r.prompt_selection})
+        prompt_selection = {layer: _cat_selection([(r.prompt_selection.get(layer), P - r.prompt_len, r.size,
+                                                    P - r.prompt_len) for r in parts], P - 1,
+                                                  parts[0].sequences.device)
+                            for layer in layers}
     offsets, groups = 0, []
     for r in parts:
         groups.append(r.group_ids + offsets)
@@ -150,20 +163,22 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         finish_reason=[f for r in parts for f in r.finish_reason],
         advantages=None if any(r.advantages is None for r in parts) else torch.cat([r.advantages for r in parts]),
         selection=selection,
+        prompt_selection=prompt_selection,
     )
 
 
-def _cat_selection(parts: list[tuple[torch.Tensor | None, int, int]], N: int, device) -> torch.Tensor:
-    """(B, N, K_max) int32 from per-part (selection (b, n, K) or None = nothing recorded, prompt
-    shift, rows): slots shifted by the left padding added to their prompt, -1 padded."""
-    K = max((s.shape[2] for s, _, _ in parts if s is not None), default=1)
+def _cat_selection(parts: list[tuple[torch.Tensor | None, int, int, int]], L: int, device) -> torch.Tensor:
+    """(B, L, K_max) int32 from per-part (selection (b, l, K) or None = nothing recorded, slot
+    shift, rows, rows to add in front): slots shifted by the left padding added to their prompt,
+    -1 padded (rows in front, then behind up to L)."""
+    K = max((s.shape[2] for s, _, _, _ in parts if s is not None), default=1)
     out = []
-    for s, shift, rows in parts:
+    for s, shift, rows, front in parts:
         if s is None:
-            out.append(torch.full((rows, N, K), -1, dtype=torch.int32, device=device))
+            out.append(torch.full((rows, L, K), -1, dtype=torch.int32, device=device))
             continue
         s = torch.where(s >= 0, s + shift, s)
-        out.append(torch.nn.functional.pad(s, (0, K - s.shape[2], 0, N - s.shape[1]), value=-1))
+        out.append(torch.nn.functional.pad(s, (0, K - s.shape[2], front, L - front - s.shape[1]), value=-1))
     return torch.cat(out)
 
 
@@ -181,6 +196,7 @@ def collect_rollout(
     seeds: Sequence[int] | None = None,
     record_routing: bool = True,
     record_selection: bool = False,
+    record_prompt_selection: bool = False,
     fp8_cache: bool = False,
     prefill_chunk: int | None = None,
     sync_ranks: bool = False,
@@ -190,7 +206,8 @@ def collect_rollout(
     seeds: one per row (len(examples) * group_size), so a row's sample does not depend on the
     batch it is in; None draws from the global generator. record_routing: record the experts
     chosen (needed for keep routing). record_selection: record each sparse layer's selected key
-    slots for the completion (needed for keep selection). fp8_cache: sample over the simulated FP8 latent cache, as
+    slots for the completion (needed for keep selection); record_prompt_selection: for the
+    prompt too. fp8_cache: sample over the simulated FP8 latent cache, as
     a production inference engine would (its numerics then differ from the training forward).
     prefill_chunk: prefill prompts this many tokens at a time (see `generate`).
     sync_ranks: every rank of a process group rolls out together (see `generate`).
@@ -207,7 +224,8 @@ def collect_rollout(
         res = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=None if seeds is None else list(seeds),
                        stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, record_routing=record_routing,
-                       record_indices=record_selection, record_kept=True, fp8_cache=fp8_cache,
+                       record_indices=record_selection, record_prompt_indices=record_prompt_selection,
+                       record_kept=True, fp8_cache=fp8_cache,
                        prefill_chunk=prefill_chunk, sync_ranks=sync_ranks)
     finally:
         model.train(was_training)
@@ -225,6 +243,7 @@ def collect_rollout(
         completions=tokenizer.decode_batch(res.completions()),
         finish_reason=res.finish_reason,
         selection=dict(res.indices) if record_selection else None,
+        prompt_selection=dict(res.prompt_indices) if record_prompt_selection else None,
     )
 
 
