@@ -119,8 +119,8 @@ class GRPOConfig:
     keep_routing: bool = _opt(True, "replay the sampler's MoE expert ids in training")
     keep_sampling_mask: bool = _opt(True, "compute pi_theta and pi_ref over the sampler's kept set")
     keep_selection: bool = _opt(True, "replay the sampler's DSA key selection for completion tokens in training")
-    keep_prompt_selection: bool = _opt(False, "replay it for prompt tokens too (exact whatever the sampler's "
-                                              "numerics; costs layers x K x 4 B per prompt token per sample)")
+    keep_prompt_selection: bool = _opt(False, "replay it for prompt tokens too (layers x K x 4 B per prompt "
+                                              "token per sample)")
     failure_reward: float = _opt(0.0, "what a failed reward call scores")
     seed: int = _opt(0, "seeds the prompt order, rollouts and mini-batches")
     checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end only")
