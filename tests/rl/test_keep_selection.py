@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dsv32.cli import build_parser, config_from_args
 from dsv32.rl import GRPOConfig, collect_rollout, policy_logprobs, task_examples, train_grpo
 from dsv32.rl.datasets import encode_prompt
 from dsv32.rl.rollout import concat_rollouts
@@ -149,3 +150,14 @@ def test_grpo_logs_what_keep_selection_costs_and_trains_on_the_sampled_path(mode
     off = train_grpo(copy.deepcopy(model), TOKENIZER, arithmetic(2), replace(config, keep_selection=False),
                      reward_fns=digit_reward, show_progress=False)[0]
     assert "selection_bytes" not in off
+
+
+def test_the_command_line_switches_keep_selection():
+    parser = build_parser()
+    default = config_from_args(parser.parse_args(["grpo"]), GRPOConfig)
+    assert default.keep_selection and not default.keep_prompt_selection
+    args = parser.parse_args(["grpo", "--no-keep-selection", "--keep-prompt-selection"])
+    config = config_from_args(args, GRPOConfig)
+    assert not config.keep_selection and config.keep_prompt_selection
+    with pytest.raises(ValueError, match="keep_selection"):
+        GRPOConfig(keep_selection="yes")
