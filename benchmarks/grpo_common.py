@@ -25,8 +25,9 @@ from dsv32.tokenizer import ByteTokenizer
 TOKENIZER = ByteTokenizer()
 
 
-def build_model(seed: int) -> DSV32ForCausalLM:
-    cfg = ModelConfig.preset("tiny", hidden_size=128, index_topk=64, max_position_embeddings=256)
+def build_model(seed: int, index_topk: int = 64) -> DSV32ForCausalLM:
+    """index_topk: 64 (the default) is above every sequence here: attention is exactly dense."""
+    cfg = ModelConfig.preset("tiny", hidden_size=128, index_topk=index_topk, max_position_embeddings=256)
     model = DSV32ForCausalLM(cfg)
     model.init_weights(seed=seed)
     return model.eval()

@@ -196,3 +196,31 @@ def test_bad_input(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(model, prompts, **args)
     assert calls == []
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_recorded_selections_are_those_of_a_forward_over_the_sequence(model, chunk):
+    """GenerationResult.indices row t: the key slots the query at slot P-1+t selected (the one
+    whose logits sampled token t), int32; -1 rows where the cache held <= topk keys (every key
+    selected); prompt_indices the same for slots 0 .. P-2. A forward over the whole sequence
+    selects the same keys at those queries."""
+    topk = model.config.index_topk
+    res = generate(model, PROMPTS, max_new_tokens=6, temperature=0, stop_tokens=[], record_indices=True,
+                   record_prompt_indices=True, prefill_chunk=chunk)
+    P, N = res.prompt_ids.shape[1], res.tokens.shape[1]
+    seq, mask = res.sequences(), torch.cat((res.prompt_mask, res.completion_mask), 1)
+    with torch.no_grad():
+        full = model(seq[:, :-1], attention_mask=mask[:, :-1], records=Records(record_indices=True))
+    assert sorted(res.indices) == sorted(full.indices) and P > topk
+    for layer, idx in res.indices.items():
+        assert idx.dtype == torch.int32 and idx.shape == (3, N, topk)
+        assert torch.equal(idx, full.indices[layer][:, P - 1:].to(torch.int32))
+        prompt = res.prompt_indices[layer]
+        assert prompt.shape == (3, P - 1, topk)
+        chosen = (torch.arange(P - 1) >= topk) if chunk else torch.ones(P - 1, dtype=torch.bool)
+        assert torch.equal(prompt[:, chosen], full.indices[layer][:, :P - 1][:, chosen].to(torch.int32))
+        assert (prompt[:, ~chosen] == -1).all()      # chunks whose queries see <= topk keys: not recorded
+    short = generate(model, [[5, 6]], max_new_tokens=4, temperature=0, stop_tokens=[], record_indices=True)
+    # 2 prompt keys, top-4: the first three steps see <= 4 keys; the fourth query sees 5.
+    for idx in short.indices.values():
+        assert (idx[0, :3] == -1).all() and (idx[0, 3] >= 0).all()

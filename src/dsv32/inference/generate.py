@@ -9,8 +9,10 @@ the attention gathers only the top-k latent rows (O(k) main-attention work per t
 Per generated token the result holds the token id, its log-probability under the distribution
 sampled from and under the untruncated one, the kept set of the truncation, and (optionally)
 the MoE expert ids chosen in every layer — for the prompt too, since replaying routing in
-training covers the whole sequence. A row that meets a stop token stops; later slots hold
-`pad_id` with log-probabilities 0 and do not count.
+training covers the whole sequence — and (optionally) the key slots each sparse layer selected
+for the query that predicted the token (int32: layers x K x 4 bytes per generated token; see
+`GenerationResult.indices`), and on request for the other prompt tokens. A row that meets a
+stop token stops; later slots hold `pad_id` with log-probabilities 0 and do not count.
 
 Input is validated before any work (empty prompt, ids outside the vocabulary, a length beyond
 max_position_embeddings, bad sampling parameters), so a bad call leaves nothing half-written.
@@ -42,6 +44,12 @@ class GenerationResult:
     finish_reason: list[str]            # "stop" | "length"
     kept: list[torch.Tensor | None] = field(default_factory=list)   # per step: (B, K_max) or None
     routing: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, P + N, top_k)
+    # layer -> (B, N, K) int32: row t holds the key slots selected by the query at slot P-1+t,
+    # whose logits sampled token t (the last prompt token, then each fed-back token); -1 = empty,
+    # and a row of -1 where every key was selected (the cache held <= topk keys: nothing to keep).
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> (B, P - 1, K) int32: the same for the prompt's other queries (slots 0 .. P-2).
+    prompt_indices: dict[int, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -133,6 +141,8 @@ def generate(
     pad_id: int | None = None,
     stream: StreamCallback | None = None,
     record_routing: bool = False,
+    record_indices: bool = False,
+    record_prompt_indices: bool = False,
     record_kept: bool = True,
     cache: str = "static",
     fp8_cache: bool = False,
@@ -146,6 +156,9 @@ def generate(
     on its batch) or one seed per prompt. stop_tokens: default the config's eos_token_id.
     stream(step, tokens (B,), finished (B,)) is called after every step. cache: "static"
     (preallocated) or "growing". prefill_chunk: prefill the prompt this many tokens at a time.
+    record_indices: record each sparse layer's selected key slots for every generated token
+    (`GenerationResult.indices`; what GRPO's keep selection replays); record_prompt_indices:
+    also for the other prompt tokens (`GenerationResult.prompt_indices`).
     sync_ranks: every rank of a process group calls this together (an FSDP-sharded model needs
     all ranks in each forward pass): prompts are padded to the longest on any rank and the
     loop stops only when every rank's rows have stopped.
@@ -182,14 +195,26 @@ def generate(
 
     start = time.perf_counter()
     routing: dict[int, list[torch.Tensor]] = {}
+    # A step's selection is worth keeping only where the cache holds more keys than topk: with
+    # fewer, every query selects all the keys it may see, in any forward.
+    opts = attention or model.attention
+    topk = cfg.index_topk if opts.topk is None else opts.topk
+    selected: list[tuple[int, dict[int, torch.Tensor]]] = []      # (step, {layer: (B, 1, K)})
+    prompt_selected: list[tuple[int, dict[int, torch.Tensor]]] = []   # (first slot, {layer: (B, chunk, K)})
     chunk = prefill_chunk or P
     logits = None
     for c0 in range(0, P, chunk):
+        last = c0 + chunk >= P
+        keep = opts.sparse and min(c0 + chunk, P) > topk and (record_prompt_indices or (record_indices and last))
         out = model(ids[:, c0:c0 + chunk], attention_mask=mask[:, c0:c0 + chunk], cache=kv, attention=attention,
-                    records=Records(record_routing=record_routing), logits_to_keep=1)
+                    records=Records(record_routing=record_routing, record_indices=keep), logits_to_keep=1)
         logits = out.logits[:, -1]
         for layer, r in out.routing.items():
             routing.setdefault(layer, []).append(r)
+        if keep and record_prompt_indices:
+            prompt_selected.append((c0, out.indices))
+        if keep and record_indices and last:
+            selected.append((0, {layer: idx[:, -1:] for layer, idx in out.indices.items()}))
 
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -211,11 +236,14 @@ def generate(
             stream(step, tokens[:, step], finished.clone())
         if _all_done(bool(finished.all()), sync_ranks) or step == max_new_tokens - 1:
             break
+        keep = record_indices and opts.sparse and P + step + 1 > topk
         out = model(tokens[:, step:step + 1], attention_mask=live[:, None], cache=kv, attention=attention,
-                    records=Records(record_routing=record_routing))
+                    records=Records(record_routing=record_routing, record_indices=keep))
         logits = out.logits[:, -1]
         for layer, r in out.routing.items():
             routing.setdefault(layer, []).append(r)
+        if keep:
+            selected.append((step + 1, out.indices))
 
     n = int(lengths.max())
     reasons = ["stop" if f else "length" for f in finished.tolist()]
@@ -230,4 +258,21 @@ def generate(
             r = torch.cat(parts, dim=1)
             missing = P + n - r.shape[1]
             result.routing[layer] = torch.nn.functional.pad(r, (0, 0, 0, missing), value=-1)
+    result.indices = _stack_indices(selected, B, n, device)
+    result.prompt_indices = _stack_indices(prompt_selected, B, P - 1, device)
     return result
+
+
+def _stack_indices(selected: list[tuple[int, dict[int, torch.Tensor]]], B: int, n: int,
+                   device) -> dict[int, torch.Tensor]:
+    """{layer: (B, n, K_max) int32} from blocks (first row, {layer: (B, rows, K_block)}); rows
+    past n are dropped, rows not given (and slots past a block's width) are -1."""
+    out: dict[int, torch.Tensor] = {}
+    for layer in (selected[0][1] if selected else {}):
+        K = max(parts[layer].shape[-1] for _, parts in selected)
+        idx = torch.full((B, n, K), -1, dtype=torch.int32, device=device)
+        for row, parts in selected:
+            block = parts[layer][:, : max(0, n - row)]
+            idx[:, row: row + block.shape[1], : block.shape[-1]] = block
+        out[layer] = idx
+    return out

@@ -16,6 +16,9 @@ Four ways to attend, chosen by `AttentionOptions` (see context.py):
   tensor is built, memory is linear in T;
 * sparse, expanded — the dense masked reference (materialises T×S; tests only).
 
+Keep selection: `Records.replay_indices` gives key slots to attend to instead of the indexer's
+top-k (GRPO replays the rollout's selections in its training forward, `dsv32.rl.replay`).
+
 Only [c_kv ; k_r] (and the indexer key) ever go to a cache — never expanded keys or values.
 On CPU attention math runs in float32 whatever the weights' dtype.
 """
@@ -100,14 +103,19 @@ class MLA(nn.Module):
         if rec.keep_indexer_inputs:  # dense layers too: the indexer warm-up trains under dense attention
             rec.indexer_inputs[self.layer_idx] = IndexerInputs(x.detach(), c_q.detach(), ctx.cos, ctx.sin,
                                                                ctx.key_valid)
-        q_index = w_index = indices = None
+        replay = None if rec.replay_indices is None else rec.replay_indices.get(self.layer_idx)
+        if replay is not None:
+            _check_replay(replay, self.layer_idx, B, T)
+        indices = None
         if opts.sparse and (select or rec.record_indices):
             with torch.no_grad():
                 q_index, w_index = self.indexer.queries(x.detach(), c_q.detach(), ctx.cos, ctx.sin)
-            indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
-                                          opts.backend, topk)
+                indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
+                                              opts.backend, topk)
+                if replay is not None:
+                    indices = _with_replay(indices, replay)
             if rec.record_indices:
-                rec.indices[self.layer_idx] = indices
+                rec.indices[self.layer_idx] = indices.to(torch.int32)
 
         if select and form == "absorbed":
             out = self._sparse_absorbed(q_n, q_r, latent_all, indices, opts.backend)
@@ -189,3 +197,25 @@ class MLA(nn.Module):
                                            scale=self.scale, enable_gqa=True)
         o = o.transpose(1, 2)[..., : self.r]
         return torch.einsum("bthr,hvr->bthv", o, w_uv.to(compute))
+
+
+def _check_replay(replay: torch.Tensor, layer: int, B: int, T: int) -> None:
+    if not isinstance(replay, torch.Tensor) or replay.dim() != 3 or replay.shape[:2] != (B, T) \
+            or replay.shape[2] < 1 or replay.dtype.is_floating_point or replay.dtype.is_complex \
+            or replay.dtype == torch.bool:
+        what = (f"{replay.dtype} tensor of shape {tuple(replay.shape)}" if isinstance(replay, torch.Tensor)
+                else type(replay).__name__)
+        raise ValueError(f"replay_indices[{layer}] must be an integer tensor of shape (B={B}, T={T}, K >= 1) "
+                         f"(key slots, -1 = empty), got a {what}")
+
+
+def _with_replay(fresh: torch.Tensor, replay: torch.Tensor) -> torch.Tensor:
+    """The replayed key slots, except in rows that are all -1 (nothing recorded: the fresh
+    selection). fresh (B, T, K_f) int64, replay (B, T, K_r) -> (B, T, max(K_f, K_r)) int64,
+    -1 padded. No host sync: both are computed and merged per row."""
+    replay = replay.to(device=fresh.device, dtype=torch.long)
+    free = (replay < 0).all(dim=-1, keepdim=True)                        # (B, T, 1)
+    K = max(fresh.shape[-1], replay.shape[-1])
+    fresh = F.pad(fresh, (0, K - fresh.shape[-1]), value=-1)
+    replay = F.pad(replay, (0, K - replay.shape[-1]), value=-1)
+    return torch.where(free, fresh, replay)

@@ -2,8 +2,9 @@
 
 `AttentionOptions` chooses how attention is computed; `Records` is the caller's one typed
 object for what the layers should record (expert ids, selected key slots, indexer inputs,
-expert loads, balance losses) or replay (routing); `ForwardContext` is the per-call geometry
-the model hands its layers (RoPE tables, masks, cache) together with those records.
+expert loads, balance losses) or replay (routing, selected key slots); `ForwardContext` is
+the per-call geometry the model hands its layers (RoPE tables, masks, cache) together with
+those records.
 """
 
 from __future__ import annotations
@@ -72,11 +73,18 @@ class Records:
 
     Asks:
       record_routing       keep each MoE layer's chosen expert ids in `routing`;
-      record_indices       keep each sparse layer's selected key slots in `indices`;
+      record_indices       keep each sparse layer's selected key slots in `indices` (int32: the
+                           slots the attention used, replayed ones included);
       keep_indexer_inputs  keep each layer's `IndexerInputs` (dense layers too: the indexer
                            warm-up trains under dense attention);
       balance_alpha        weight of the sequence-wise balance loss (`balance_loss`), 0 = off;
-      replay_routing       {layer: (B, T, top_k) expert ids} to use instead of routing.
+      replay_routing       {layer: (B, T, top_k) expert ids} to use instead of routing;
+      replay_indices       {layer: (B, T, K) key slots (any integer dtype, -1 = empty)} to attend
+                           to instead of the indexer's top-k: a query whose row is all -1 selects
+                           afresh (positions nobody recorded). Where a layer needs no selection
+                           (every query may see all its keys, S <= topk) it attends densely, which
+                           is what a recording at the same k holds. K may differ from the fresh
+                           width; slots must lie in [0, S) or be -1 (not checked: no host sync).
     Results (always filled where they apply): `expert_load` {layer: (E,) token counts over
     real tokens}, and what was asked for."""
 
@@ -85,8 +93,9 @@ class Records:
     keep_indexer_inputs: bool = False
     balance_alpha: float = 0.0
     replay_routing: dict[int, torch.Tensor] | None = None
+    replay_indices: dict[int, torch.Tensor] | None = None
     routing: dict[int, torch.Tensor] = field(default_factory=dict)          # layer -> (B, T, top_k)
-    indices: dict[int, torch.Tensor] = field(default_factory=dict)          # layer -> (B, T, K)
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)          # layer -> (B, T, K) int32
     indexer_inputs: dict[int, IndexerInputs] = field(default_factory=dict)
     expert_load: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (E,)
     balance_loss: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> 0-dim

@@ -17,12 +17,22 @@ Each step:
 
 The stabilisers, each switchable: `kl_estimator` "unbiased" (eq. 7) or "k3" (with `beta` > 0),
 `delta` (off-policy sequence mask; None = off), `keep_routing`, `keep_sampling_mask` (see
-`dsv32.rl.replay`, which also says what pi_old is when the sampling mask is off).
+`dsv32.rl.replay`, which also says what pi_old is when the sampling mask is off), and
+`keep_selection`, DSA's analogue of keep routing: the policy and reference passes attend to
+the key slots the sampler's indexer selected for each completion token. V3.2 does not list it,
+but it is on by default for the reason keep routing is: a top-k decision flipped between the
+sampler and the trainer trains a path that did not generate the token. It costs nothing where
+every key is selected (sequences <= index_topk, nothing is recorded) and layers x K x 4 bytes
+per completion token where selection bites (`selection_bytes` per rollout and
+`selection_bytes_per_token` are logged). `keep_prompt_selection` (off) replays the prompt's
+selections too, for samplers whose numerics differ from the trainer's (see `dsv32.rl.replay`).
 
 Metrics per step: reward_mean, reward_std (mean within-group), accuracy (task scorer, sampled
 completions), zero_std_frac, reward_failures, response_length, truncated_frac; averaged over the
 step's updates: loss, pg_objective, kl (kl_mean), clip_frac, masked_frac, kl_old_theta,
-ratio_mean, entropy, grad_norm; ratio_max / ratio_min over all updates; mismatch, the mean
+ratio_mean, entropy, grad_norm; ratio_max / ratio_min over all updates; with keep selection,
+selection_bytes (the recorded selection of this rank's rollout) and selection_bytes_per_token
+(per completion position: layers x K x 4, more with keep_prompt_selection); mismatch, the mean
 |log pi_theta - log pi_old| at the step's first update, where the weights are still the
 sampler's — any deviation there is sampler/trainer mismatch, not learning; eval_accuracy
 (greedy, held-out) every `eval_every` steps; rollout_seconds (sampling and scoring) and
@@ -108,6 +118,9 @@ class GRPOConfig:
     scale_by_std: bool = _opt(False, "divide advantages by the group std (V3.2 does not)")
     keep_routing: bool = _opt(True, "replay the sampler's MoE expert ids in training")
     keep_sampling_mask: bool = _opt(True, "compute pi_theta and pi_ref over the sampler's kept set")
+    keep_selection: bool = _opt(True, "replay the sampler's DSA key selection for completion tokens in training")
+    keep_prompt_selection: bool = _opt(False, "replay it for prompt tokens too (layers x K x 4 B per prompt "
+                                              "token per sample)")
     failure_reward: float = _opt(0.0, "what a failed reward call scores")
     seed: int = _opt(0, "seeds the prompt order, rollouts and mini-batches")
     checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end only")
@@ -136,7 +149,8 @@ class GRPOConfig:
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_number("failure_reward", self.failure_reward)
-        for name in ("sampler_fp8_cache", "scale_by_std", "keep_routing", "keep_sampling_mask"):
+        for name in ("sampler_fp8_cache", "scale_by_std", "keep_routing", "keep_sampling_mask", "keep_selection",
+                     "keep_prompt_selection"):
             check_bool(name, getattr(self, name))
 
 
@@ -153,7 +167,9 @@ def _reference_logprobs(reference: DSV32ForCausalLM, rollout: Rollout, cfg: GRPO
     for idx in torch.arange(rollout.size).split(rows_per_pass):
         part = rollout.select(idx)
         logp, _, _ = policy_logprobs(reference, part, temperature=cfg.temperature,
-                                     keep_routing=cfg.keep_routing, keep_sampling_mask=cfg.keep_sampling_mask)
+                                     keep_routing=cfg.keep_routing, keep_sampling_mask=cfg.keep_sampling_mask,
+                                     keep_selection=cfg.keep_selection,
+                                     keep_prompt_selection=cfg.keep_prompt_selection)
         out[idx, :logp.shape[1]] = logp
     return out
 
@@ -215,7 +231,9 @@ def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, roll
             mb = rollout.select(idx)
             logp, logits, kept = policy_logprobs(policy, mb, temperature=cfg.temperature,
                                                  keep_routing=cfg.keep_routing,
-                                                 keep_sampling_mask=cfg.keep_sampling_mask)
+                                                 keep_sampling_mask=cfg.keep_sampling_mask,
+                                                 keep_selection=cfg.keep_selection,
+                                                 keep_prompt_selection=cfg.keep_prompt_selection)
             ref = None if ref_logp is None else ref_logp[idx, :logp.shape[1]]
             loss, m = grpo_loss(logp, mb.logp_old, mb.advantages, mb.completion_mask, logp_ref=ref,
                                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
@@ -333,7 +351,9 @@ def train_grpo(
         seeds = [_rng(cfg.seed, step, f"row{i}") for i in range(lo * G, hi * G)]
         rollout = collect_rollout(policy, tokenizer, examples, group_size=G, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds,
-                                  record_routing=cfg.keep_routing, fp8_cache=cfg.sampler_fp8_cache,
+                                  record_routing=cfg.keep_routing, record_selection=cfg.keep_selection,
+                                  record_prompt_selection=cfg.keep_prompt_selection,
+                                  fp8_cache=cfg.sampler_fp8_cache,
                                   sync_ranks=info.enabled)
         B = rollout.size
         prompts = [ex.prompt for ex in rollout.examples]
@@ -355,6 +375,9 @@ def train_grpo(
             "response_length": float(rollout.lengths.float().mean()),
             "truncated_frac": rollout.finish_reason.count("length") / B,
         }
+        if cfg.keep_selection or cfg.keep_prompt_selection:
+            record["selection_bytes"] = rollout.selection_bytes
+            record["selection_bytes_per_token"] = rollout.selection_bytes / max(1, rollout.completion_mask.numel())
         if info.enabled:
             rollout, ref_logp = _gather(rollout, ref_logp, info)
         record.update(grpo_update(policy, optimizer, rollout, ref_logp, cfg, step, info))

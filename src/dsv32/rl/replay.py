@@ -1,5 +1,6 @@
 """The training forward pass of GRPO: log-probs of the sampled completions under a model,
-replaying what the sampler recorded (docs/math.md §10, "keep routing" and "keep sampling mask").
+replaying what the sampler recorded (docs/math.md §10, "keep routing", "keep sampling mask" and
+"keep selection").
 
 Shapes as in `dsv32.rl.rollout`: B sequences, P prompt width, N completion width, V vocabulary.
 
@@ -12,6 +13,23 @@ keep_routing: the MoE layers use the expert ids recorded while sampling (`routin
     sampler and the trainer (numerics of a different engine, a router or bias that moved since
     sampling, a policy several updates ahead) does not change which sub-network is trained.
     Positions the sampler never routed (-1, the final token) route freely.
+keep_selection: each sparse layer attends, at the query that predicts completion token t, to
+    the key slots the sampler's indexer selected there (`Records.replay_indices`), instead of
+    its own top-k. DSA's selection is the attention analogue of a routing decision: index scores
+    near the top-k boundary rank differently under the sampler's chunked, cached numerics and
+    the training forward's one-shot ones (or after an update), and one key in or out moves the
+    token's log-prob (benchmarks/keep_selection.py: over the FP8 sampler cache 37% of the
+    completion's selections differ, and replaying them takes the mean |log pi_theta - log pi_old|
+    at identical weights from 9.4e-3 to 2.0e-3; with equal numerics none differ, since ties
+    are broken by key slot in every path). Positions with nothing recorded (-1 rows: steps where the cache held
+    at most topk keys, so every key was selected) select afresh, which selects the same.
+keep_prompt_selection: the prompt's queries replay theirs too. Off by default: they select
+    afresh, from the same prompt and weights, and ties are broken by key slot in every path, so
+    with the sampler's numerics equal to the trainer's their selection differs only where float
+    noise reorders two scores closer than its size (benchmarks/keep_selection.py: none of 1280
+    in fp32); recording them costs layers x K x 4 bytes per prompt token of every sample, usually
+    far more than the completion. A sampler with other numerics (the FP8 cache) flips many of
+    them, and then only this makes the forward the sampler's.
 keep_sampling_mask: log-probs are renormalised over the kept set of the sampler's top-k/top-p
     truncation at each position, at the sampling temperature, so pi_theta shares the action
     space of the distribution the tokens were drawn from.
@@ -30,13 +48,7 @@ low-side clipping and a positive off-policy statistic. Swapping in the untruncat
 pi_old would hide that mismatch by comparing with a policy that did not generate the data.
 
 Left out on purpose: fusing the LM head with the log-prob (the vocabulary here is small; the
-chunked log-prob path bounds the float temporaries for large ones); and replaying DSA's top-k
-key selection, which V3.2 does not list among its stabilisers. It is the attention analogue of
-a routing flip: when sparse attention bites (more keys than index_topk), index scores near the
-top-k boundary can rank differently in the sampler's batched decode and in the training
-forward, and then pi_theta != pi_old at identical weights (on a random `tiny` model, up to
-0.25 nats on some tokens). With every key selected (sequences <= index_topk) the two agree to
-float precision.
+chunked log-prob path bounds the float temporaries for large ones).
 """
 
 from __future__ import annotations
@@ -57,6 +69,8 @@ def policy_logprobs(
     temperature: float,
     keep_routing: bool = True,
     keep_sampling_mask: bool = True,
+    keep_selection: bool = False,
+    keep_prompt_selection: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log pi(completion tokens) under `model`, replaying the sampler's records as switched.
 
@@ -70,16 +84,44 @@ def policy_logprobs(
     if keep_routing and batch.routing is None:
         raise ValueError("keep_routing=True needs the routing recorded at sampling "
                          "(collect_rollout(..., record_routing=True))")
+    if keep_selection and batch.selection is None:
+        raise ValueError("keep_selection=True needs the selection recorded at sampling "
+                         "(collect_rollout(..., record_selection=True))")
+    if keep_prompt_selection and batch.prompt_selection is None:
+        raise ValueError("keep_prompt_selection=True needs the prompt's selection recorded at sampling "
+                         "(collect_rollout(..., record_prompt_selection=True))")
     P = batch.prompt_len
     N = batch.completion_mask.shape[1]
     end = P + N - 1
     routing = None
     if keep_routing:
         routing = {layer: r[:, :end] for layer, r in batch.routing.items()}
+    indices = None
+    if keep_selection or keep_prompt_selection:
+        completion = batch.selection if keep_selection else {}
+        prompt = batch.prompt_selection if keep_prompt_selection else {}
+        indices = {layer: _replay_rows(completion.get(layer), prompt.get(layer), batch.size, P, N)
+                   for layer in sorted({*completion, *prompt})}
     out = model(batch.sequences[:, :end], attention_mask=batch.attention_mask[:, :end],
-                records=Records(replay_routing=routing), logits_to_keep=N)
+                records=Records(replay_routing=routing, replay_indices=indices), logits_to_keep=N)
     logits = out.logits.float() / temperature                                # (B, N, V)
     kept = batch.kept if keep_sampling_mask else None
     chunk = max(1, _LOGPROB_CHUNK_BYTES // (4 * logits.shape[-1]))
     logp = token_logprobs(logits, batch.tokens, kept, chunk_size=chunk)     # (B, N)
     return logp, logits, kept
+
+
+def _replay_rows(completion: torch.Tensor | None, prompt: torch.Tensor | None, B: int, P: int,
+                 N: int) -> torch.Tensor:
+    """The (B, P-1+N, K) replay over every query of the forward from the prompt's (B, P-1, K)
+    (slots 0 .. P-2) and the completion's (B, >= N, K) selections (slots P-1 ..); a part not
+    given is -1 (select afresh)."""
+    given = [t for t in (prompt, completion) if t is not None]
+    K = max(t.shape[-1] for t in given)
+
+    def part(t: torch.Tensor | None, rows: int) -> torch.Tensor:
+        if t is None:
+            return torch.full((B, rows, K), -1, dtype=torch.int32, device=given[0].device)
+        return torch.nn.functional.pad(t[:, :rows], (0, K - t.shape[-1]), value=-1)
+
+    return torch.cat((part(prompt, P - 1), part(completion, N)), dim=1)

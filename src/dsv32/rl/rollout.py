@@ -15,6 +15,12 @@ k = num_experts_per_tok.
                                   sampling did not truncate
     routing          {layer: (B, P + N, k)} expert ids chosen while sampling (-1: unknown,
                                   route freely); None when not recorded
+    selection        {layer: (B, N, K) int32} key slots each sparse layer selected for the
+                                  query that predicted completion token t (slot P-1+t; -1
+                                  empty, a row of -1 = every key was selected); None when not
+                                  recorded, {} when no step had more keys than topk
+    prompt_selection {layer: (B, P - 1, K) int32} the same for the prompt's other queries
+                                  (slots 0 .. P-2); None when not recorded
 
 Left out on purpose: asynchronous or partial rollouts (the sampler here is the policy itself,
 run synchronously between updates) and dropping of failed generations (every row is kept).
@@ -51,6 +57,14 @@ class Rollout:
     completions: list[str]                # (B,) decoded completions, special tokens removed
     finish_reason: list[str]              # (B,) "stop" | "length"
     advantages: torch.Tensor | None = None   # (B,) set by the trainer once rewards are known
+    selection: dict[int, torch.Tensor] | None = None
+    prompt_selection: dict[int, torch.Tensor] | None = None
+
+    @property
+    def selection_bytes(self) -> int:
+        """Bytes held by `selection` and `prompt_selection` (layers x K x 4 per position)."""
+        held = [*(self.selection or {}).values(), *(self.prompt_selection or {}).values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @property
     def size(self) -> int:
@@ -87,13 +101,17 @@ class Rollout:
             completions=[self.completions[i] for i in rows],
             finish_reason=[self.finish_reason[i] for i in rows],
             advantages=None if self.advantages is None else self.advantages[idx],
+            selection=None if self.selection is None else {layer: s[idx, :n] for layer, s in self.selection.items()},
+            prompt_selection=None if self.prompt_selection is None else
+            {layer: s[idx] for layer, s in self.prompt_selection.items()},
         )
 
 
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     """The rows of `parts` in order, as one rollout: prompts left-padded to the widest prompt,
-    completions right-padded to the longest (masked out; routing -1 = route freely, kept -1 =
-    empty), group ids renumbered so each part's groups stay distinct."""
+    completions right-padded to the longest (masked out; routing -1 = route freely, kept and
+    selection -1 = empty), group ids renumbered so each part's groups stay distinct. Selected
+    key slots move with the left padding of their prompt."""
     P = max(r.prompt_len for r in parts)
     N = max(r.completion_mask.shape[1] for r in parts)
 
@@ -113,6 +131,19 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         routing = {layer: torch.cat([pad(r.routing[layer], P - r.prompt_len, N - r.completion_mask.shape[1], -1)
                                      for r in parts])
                    for layer in parts[0].routing}
+    selection = None
+    if all(r.selection is not None for r in parts):
+        layers = sorted({layer for r in parts for layer in r.selection})
+        selection = {layer: _cat_selection([(r.selection.get(layer), P - r.prompt_len, r.size, 0) for r in parts],
+                                           N, parts[0].sequences.device)
+                     for layer in layers}
+    prompt_selection = None
+    if all(r.prompt_selection is not None for r in parts):
+        layers = sorted({layer for r in parts for layer in r.prompt_selection})
+        prompt_selection = {layer: _cat_selection([(r.prompt_selection.get(layer), P - r.prompt_len, r.size,
+                                                    P - r.prompt_len) for r in parts], P - 1,
+                                                  parts[0].sequences.device)
+                            for layer in layers}
     offsets, groups = 0, []
     for r in parts:
         groups.append(r.group_ids + offsets)
@@ -131,7 +162,24 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         completions=[c for r in parts for c in r.completions],
         finish_reason=[f for r in parts for f in r.finish_reason],
         advantages=None if any(r.advantages is None for r in parts) else torch.cat([r.advantages for r in parts]),
+        selection=selection,
+        prompt_selection=prompt_selection,
     )
+
+
+def _cat_selection(parts: list[tuple[torch.Tensor | None, int, int, int]], L: int, device) -> torch.Tensor:
+    """(B, L, K_max) int32 from per-part (selection (b, l, K) or None = nothing recorded, slot
+    shift, rows, rows to add in front): slots shifted by the left padding added to their prompt,
+    -1 padded (rows in front, then behind up to L)."""
+    K = max((s.shape[2] for s, _, _, _ in parts if s is not None), default=1)
+    out = []
+    for s, shift, rows, front in parts:
+        if s is None:
+            out.append(torch.full((rows, L, K), -1, dtype=torch.int32, device=device))
+            continue
+        s = torch.where(s >= 0, s + shift, s)
+        out.append(torch.nn.functional.pad(s, (0, K - s.shape[2], front, L - front - s.shape[1]), value=-1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -147,15 +195,21 @@ def collect_rollout(
     top_p: float = 1.0,
     seeds: Sequence[int] | None = None,
     record_routing: bool = True,
+    record_selection: bool = False,
+    record_prompt_selection: bool = False,
     fp8_cache: bool = False,
+    prefill_chunk: int | None = None,
     sync_ranks: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each example with `dsv32.inference.generate`.
 
     seeds: one per row (len(examples) * group_size), so a row's sample does not depend on the
     batch it is in; None draws from the global generator. record_routing: record the experts
-    chosen (needed for keep routing). fp8_cache: sample over the simulated FP8 latent cache, as
+    chosen (needed for keep routing). record_selection: record each sparse layer's selected key
+    slots for the completion (needed for keep selection); record_prompt_selection: for the
+    prompt too. fp8_cache: sample over the simulated FP8 latent cache, as
     a production inference engine would (its numerics then differ from the training forward).
+    prefill_chunk: prefill prompts this many tokens at a time (see `generate`).
     sync_ranks: every rank of a process group rolls out together (see `generate`).
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -170,7 +224,9 @@ def collect_rollout(
         res = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=None if seeds is None else list(seeds),
                        stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, record_routing=record_routing,
-                       record_kept=True, fp8_cache=fp8_cache, sync_ranks=sync_ranks)
+                       record_indices=record_selection, record_prompt_indices=record_prompt_selection,
+                       record_kept=True, fp8_cache=fp8_cache,
+                       prefill_chunk=prefill_chunk, sync_ranks=sync_ranks)
     finally:
         model.train(was_training)
     mask = res.completion_mask
@@ -186,6 +242,8 @@ def collect_rollout(
         examples=rows,
         completions=tokenizer.decode_batch(res.completions()),
         finish_reason=res.finish_reason,
+        selection=dict(res.indices) if record_selection else None,
+        prompt_selection=dict(res.prompt_indices) if record_prompt_selection else None,
     )
 
 

@@ -268,24 +268,24 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None, *,
                      attention: AttentionOptions) -> SelectionReport:
     """Run `model` on input_ids (B, T) with `attention` and, for every layer, the indexer's own
-    top-k selection (`Indexer.select`, as the sparse layer uses it, with `attention.topk`) on
-    that layer's actual input, and the share of the layer's dense attention mass it captures.
-    With dense attention this is what switching selection on would keep; with sparse
-    attention, what it keeps."""
+    top-k selection (`Indexer.select` with `attention`'s topk and backend, as the sparse layer
+    uses it) on that layer's actual input, and the share of the layer's dense attention mass it
+    captures. With dense attention
+    this is what switching selection on would keep; with sparse attention, what it keeps."""
     out = model(input_ids, attention_mask, attention=attention, records=Records(keep_indexer_inputs=True),
                 logits_to_keep=1)
     kept_all = out.records.indexer_inputs
     report = SelectionReport(query_valid=kept_all[0].key_valid)       # the main layers' key mask
     for block in model.model.layers:
         i = block.layer_idx
-        report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(
-            _layer_selection, kept_all[i], attention.topk)
+        report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(_layer_selection, kept_all[i],
+                                                                                       attention)
     return report
 
 
-def _layer_selection(mla: MLA, kept: IndexerInputs, topk: int | None):
+def _layer_selection(mla: MLA, kept: IndexerInputs, attention: AttentionOptions):
     q, kv, iq, iw, ik = _indexer_parts(mla, kept)
-    idx = mla.indexer.select(iq, iw, ik, 0, kept.key_valid, topk=topk)
+    idx = mla.indexer.select(iq, iw, ik, 0, kept.key_valid, attention.backend, attention.topk)
     return (idx, *selected_mass(q, kv, mla.scale, idx, kept.key_valid))
 
 
