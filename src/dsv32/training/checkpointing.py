@@ -21,7 +21,8 @@ save) removes the crash leftovers of every writer this project has had: `.checkp
 (this module's temporary folders, the old GRPO writer's `.checkpoint-N.tmp-PID` and
 `.checkpoint-N.old-PID`) and `..checkpoint-*` (the HF writer's own temporary folder beside a
 temporary checkpoint folder), in the checkpoint root and in the run folder above it (where GRPO
-used to write). Reading uses `torch.load(weights_only=True)` only: nothing in a checkpoint can
+used to write), and the HF writer's temporary folder of a model saved at the run folder itself
+(`.RUN.tmp-*` beside it: sft's final model). Reading uses `torch.load(weights_only=True)` only: nothing in a checkpoint can
 run code.
 
 Optimizer state: by parameter name (torch.distributed.checkpoint.state_dict's full form), so a
@@ -62,6 +63,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from ..checkpoint import load_pretrained, write_checkpoint
+from ..checkpoint.hf import writer_temporaries
 from ..checkpoint.keymap import hf_state_items
 from ..config import ModelConfig
 from ..distributed import DistInfo, barrier, single_process_dcp
@@ -203,6 +205,8 @@ class CheckpointFolder:
                 for path in folder.iterdir():
                     if path.name.startswith(LEFTOVER_PREFIXES):
                         _remove(path)
+        for path in writer_temporaries(self.root.parent):
+            _remove(path)
 
     def _prune(self, final: Path) -> None:
         for old in self.checkpoints()[:-self.keep]:
