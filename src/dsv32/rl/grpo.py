@@ -110,7 +110,7 @@ class GRPOConfig:
     keep_sampling_mask: bool = _opt(True, "compute pi_theta and pi_ref over the sampler's kept set")
     failure_reward: float = _opt(0.0, "what a failed reward call scores")
     seed: int = _opt(0, "seeds the prompt order, rollouts and mini-batches")
-    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end only")
+    checkpoint_every: int = _opt(100, "steps between checkpoints; 0 = at the end only")
     keep_checkpoints: int = _opt(1, "checkpoints kept")
     eval_every: int = _opt(0, "steps between greedy held-out evaluations; 0 = never")
 

@@ -42,6 +42,12 @@ not a page of size mismatches. Settings named in `MAY_CHANGE_ON_RESUME` may diff
     log_every, save_every, checkpoint_every, keep_checkpoints, eval_every, eval_sequences,
     progress           logging, evaluation, checkpoint cadence and the progress display
 
+Fault injection: with the environment variable `DSV32_PAUSE_IN_SAVE=STEP:FILE`, the save of
+checkpoint STEP stops where `during_write` is called (models written, trainer state not yet),
+writes the temporary folder's path to FILE and waits there until the process is killed; this is
+how `scripts/crash_test.py` and the tests kill a run in the middle of a save, whatever the
+machine's speed.
+
 Left out: asynchronous saves and cloud storage.
 """
 
@@ -51,6 +57,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -161,6 +168,20 @@ def save_full_model(model: nn.Module, path: str | Path, info: DistInfo) -> None:
     barrier(info)
 
 
+def _pause_if_asked(step: int, tmp: Path) -> None:
+    """The DSV32_PAUSE_IN_SAVE hook (module docstring)."""
+    asked = os.environ.get("DSV32_PAUSE_IN_SAVE")
+    if not asked:
+        return
+    at, _, marker = asked.partition(":")
+    if not at.isdigit() or not marker:
+        raise ValueError(f"DSV32_PAUSE_IN_SAVE must be STEP:FILE, got {asked!r}")
+    if int(at) == step:
+        Path(marker).write_text(str(tmp))
+        while True:                          # until the crash test's SIGKILL
+            time.sleep(3600)
+
+
 class CheckpointFolder:
     """A root folder of `checkpoint-NNNNNNNN/` checkpoints (see the module docstring).
 
@@ -245,6 +266,7 @@ class CheckpointFolder:
             if info.is_main:
                 if self.during_write is not None:
                     self.during_write(tmp)
+                _pause_if_asked(step, tmp)
                 torch.save(record, tmp / STATE_NAME)
                 _fsync_tree(tmp)
                 os.replace(tmp, final)
