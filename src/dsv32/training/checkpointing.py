@@ -41,6 +41,7 @@ not a page of size mismatches. Settings named in `MAY_CHANGE_ON_RESUME` may diff
                        computed over the new total); fewer end it where it is
     log_every, save_every, checkpoint_every, keep_checkpoints, eval_every, eval_sequences,
     progress           logging, evaluation, checkpoint cadence and the progress display
+    reward_timeout     GRPO's reward time limit (a run stalled by a hanging reward resumes with one)
 
 Fault injection: with the environment variable `DSV32_PAUSE_IN_SAVE=STEP:FILE`, the save of
 checkpoint STEP stops where `during_write` is called (models written, trainer state not yet),
@@ -80,7 +81,7 @@ STATE_FORMAT = 2
 DCP_DIR = "dcp"
 MAIN_MODEL = "model"           # the model written at the top of a checkpoint folder
 MAY_CHANGE_ON_RESUME = frozenset({"steps", "log_every", "save_every", "checkpoint_every", "keep_checkpoints",
-                                  "eval_every", "eval_sequences", "progress"})
+                                  "eval_every", "eval_sequences", "progress", "reward_timeout"})
 LEFTOVER_PREFIXES = (".checkpoint-", "..checkpoint-")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _RESERVED = frozenset({"format", "settings", "rng", "optimizer"})
