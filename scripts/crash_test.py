@@ -13,10 +13,15 @@ tokens_per_s, *_seconds), and no temporary file or folder may be left in it. Eac
     save    the launch is told to pause inside the save of a chosen checkpoint (models written,
             trainer state not yet: `DSV32_PAUSE_IN_SAVE`, see dsv32.training.checkpointing) and
             is killed there: the worst moment, hit every time
-    random  the launch is killed after a random delay, drawn up to the time the rest of the run
-            took in the reference; it lands wherever the run is (start-up, a step, a log line, a
-            save) and is classified afterwards by what it left (a temporary checkpoint folder =
-            inside a save). A run that ended before its kill counts no kill.
+    start   the launch is killed after a random delay, up to the time the reference took to
+            log its first step (start-up, data, resume, the first step)
+    run     the launch is killed a random delay after it logged its first step, up to the time
+            its remaining steps took in the reference
+
+Random kills land wherever the run is (a step, a log line, a save) and are classified by what
+they left: a temporary checkpoint folder (inside a save), records of steps past the checkpoint
+the launch started from (mid-run), or neither (before its first step). A run that ended before
+its kill counts no kill. Moments are drawn one third each.
 
 Prints a table (per verb: trials, kills by moment, launches, records compared, result) and exits
 1 if any trial differs. Everything is written under --work (a temporary folder by default).
@@ -118,31 +123,57 @@ def records(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS and not k.endswith("_seconds")} for r in rows]
 
 
-def kill_once(argv: list[str], out: Path, log: Path, *, steps: int, save_every: int, reference_s: float,
+def new_record(out: Path, metrics: str, done: int, since_ns: int) -> bool:
+    """Whether this launch has logged a step past checkpoint `done` (a file written since
+    `since_ns` holding such a record: the records of a killed launch, past `done`, stay in the
+    file until the new launch truncates it, and that rewrite holds none)."""
+    path = out / metrics
+    try:
+        return path.stat().st_mtime_ns >= since_ns and any(r.get("step", 0) > done for r in records(path))
+    except (OSError, ValueError):                           # not there yet, or a torn line being written
+        return False
+
+
+def kill_once(argv: list[str], out: Path, metrics: str, *, steps: int, save_every: int, timing: tuple[float, float],
               rng: random.Random, moment: str) -> str | None:
-    """One launch of a trial, killed at a `moment` ("save" or "random"); returns where the kill
-    landed ("save", "step", or None if the run ended first)."""
+    """One launch of a trial, killed at a `moment`; returns where the kill landed ("save", "run",
+    "start"), or None if the run ended first. timing: the reference's (seconds to its first
+    record, seconds from there to the end)."""
+    log = out.parent / "log.txt"
     done = (checkpoint_steps(out) or [0])[-1]
+    since = time.time_ns()
     if moment == "save":
         saves = [s for s in range(done + 1, steps + 1) if s % save_every == 0 or s == steps]
         marker = out.parent / f"paused-{rng.getrandbits(32):08x}"
         proc = launch(argv, out, log, pause_at=(rng.choice(saves), marker))
-        while not (marker.exists() and marker.read_text()):
-            if proc.exitcode is not None:
-                finish(proc, log)
-                return None
-            time.sleep(0.01)
-        marker.unlink()
     else:
         proc = launch(argv, out, log)
-        left = reference_s * (0.3 + 0.7 * (steps - done) / steps)      # start-up + the steps still to run
-        proc.join(timeout=rng.uniform(0.0, left))
+
+    def event() -> bool:                                   # what the kill (or its random delay) waits for
+        if moment == "save":
+            return marker.exists() and bool(marker.read_text())
+        return moment == "start" or new_record(out, metrics, done, since)
+
+    while not event():
+        if proc.exitcode is not None:
+            finish(proc, log)
+            return None
+        time.sleep(0.005)
+    if moment != "save":
+        first, rest = timing
+        proc.join(timeout=rng.uniform(0.0, first if moment == "start" else rest * (steps - done) / steps))
         if proc.exitcode is not None:
             finish(proc, log)
             return None
     proc.kill()                                            # SIGKILL
     proc.join()
-    return "save" if in_save(out) else "step"
+    if in_save(out):
+        return "save"
+    return "run" if new_record(out, metrics, done, since) else "start"
+
+
+def kills_of(row: dict) -> int:
+    return row["save"] + row["run"] + row["start"]
 
 
 def run_verb(name: str, spec: tuple[list[str], str, bool], work: Path, *, kills: int, steps: int, save_every: int,
@@ -151,20 +182,23 @@ def run_verb(name: str, spec: tuple[list[str], str, bool], work: Path, *, kills:
     folder = work / name
     folder.mkdir(parents=True)
     log = folder / "log.txt"
-    start = time.perf_counter()
-    finish(launch(argv, folder / "reference", log), log)
-    reference_s = time.perf_counter() - start
+    start, proc = time.perf_counter(), launch(argv, folder / "reference", log)
+    while not new_record(folder / "reference", metrics, 0, 0) and proc.exitcode is None:
+        time.sleep(0.005)
+    first = time.perf_counter() - start
+    finish(proc, log)
+    timing = (first, time.perf_counter() - start - first)
     expected = records(folder / "reference" / metrics)
-    row = {"verb": name, "trials": 0, "save": 0, "step": 0, "launches": 1, "records": 0, "equal": True,
-           "leftovers": []}
-    while row["save"] + row["step"] < kills:
+    row = {"verb": name, "trials": 0, "save": 0, "run": 0, "start": 0, "launches": 1, "records": 0,
+           "equal": True, "leftovers": []}
+    while kills_of(row) < kills:
         row["trials"] += 1
         out = folder / f"trial{row['trials']}"
-        while row["save"] + row["step"] < kills and (checkpoint_steps(out) or [0])[-1] < steps:
+        while kills_of(row) < kills and (checkpoint_steps(out) or [0])[-1] < steps:
             resume = needs_resume and checkpoint_steps(out)
-            moment = "save" if small or rng.random() < 0.35 else "random"
-            landed = kill_once(argv + (["--resume"] if resume else []), out, log, steps=steps,
-                               save_every=save_every, reference_s=reference_s, rng=rng, moment=moment)
+            moment = "save" if small else rng.choice(["save", "start", "run"])
+            landed = kill_once(argv + (["--resume"] if resume else []), out, metrics, steps=steps,
+                               save_every=save_every, timing=timing, rng=rng, moment=moment)
             row["launches"] += 1
             if landed is not None:
                 row[landed] += 1
@@ -205,12 +239,12 @@ def main() -> int:
     rng = random.Random(args.seed)
     rows = [run_verb(v, specs[v], work, kills=kills, steps=steps, save_every=args.save_every, small=args.small,
                      rng=rng) for v in chosen]
-    print(f"| verb | steps | trials | kills in a save | kills elsewhere | launches | records compared | "
-          f"metrics equal | leftovers |\n|---|---|---|---|---|---|---|---|---|")
+    print("| verb | steps | trials | kills in a save | kills mid-run | kills before the first step | launches | "
+          "records compared | metrics equal | leftovers |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['verb']} | {steps} | {r['trials']} | {r['save']} | {r['step']} | {r['launches']} | "
+        print(f"| {r['verb']} | {steps} | {r['trials']} | {r['save']} | {r['run']} | {r['start']} | {r['launches']} | "
               f"{r['records']} | {'yes' if r['equal'] else 'NO'} | {len(r['leftovers'])} |")
-    total = sum(r["save"] + r["step"] for r in rows)
+    total = sum(map(kills_of, rows))
     ok = all(r["equal"] and not r["leftovers"] for r in rows)
     print(f"{total} kills, {'every resumed run equals its uninterrupted run' if ok else 'FAILED'} (work: {work})")
     for r in rows:

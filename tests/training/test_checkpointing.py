@@ -162,6 +162,17 @@ def test_leftovers_of_every_writer_are_cleaned_at_start(tmp_path):
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-00000002"]
 
 
+def test_grpo_cleans_the_same_leftovers_at_start(tmp_path):
+    from dsv32.rl import GRPOConfig, train_grpo
+    from tests.rl.helpers import TOKENIZER, arithmetic
+    run = tmp_path / "run"
+    _plant_leftovers(run)
+    config = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=2)
+    train_grpo(tiny_policy(), TOKENIZER, arithmetic(4), config, out_dir=run, show_progress=False)
+    assert not [n for n in LEFTOVERS if (run / n).exists()]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-00000001"]
+
+
 def test_resume_with_other_settings_names_each_one(tmp_path):
     make_trainer(tmp_path, steps=2).fit()
     with pytest.raises(ValueError) as e:

@@ -15,7 +15,9 @@ small server process that imported torch and this package once, so a replacement
 in milliseconds. Either way the reward functions must be picklable: module-level functions, or
 instances of module-level classes (`rewards.task_reward` returns one). Starting time is not
 counted against any call (the clock starts once the worker says it is ready). The worker exits
-when its parent does, even if the parent was killed.
+when the scorer's process does, even if that was killed. As with any multiprocessing program, a
+script that uses a time limit runs its work under `if __name__ == "__main__":` (the worker
+imports the main module).
 
 Left out: a pool of several workers (reward calls here are cheap next to sampling; one worker
 keeps the scores in order and the code small) and memory limits.
@@ -27,7 +29,6 @@ import multiprocessing
 import os
 import pickle
 import threading
-import time
 from typing import Any, Callable, Sequence
 
 # One call's outcome, as sent back by the worker: ("ok", value) with value a float, or
@@ -35,20 +36,20 @@ from typing import Any, Callable, Sequence
 Outcome = tuple
 
 
-def _watch_parent(parent: int) -> None:
-    """Exit when the scorer's process is gone (a SIGKILLed trainer leaves no one to stop us).
-    Not os.getppid(): under forkserver the worker's parent is the server, not the scorer."""
-    while True:
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        time.sleep(1.0)
+def _exit_with_scorer(alive: Any) -> None:
+    """Exit when the scorer's end of the `alive` pipe closes: the scorer stopped us, or its
+    process is gone (a SIGKILLed trainer leaves no one else to). Not a check of the parent: under
+    forkserver the worker's parent is the server, and a dead scorer may linger as a zombie."""
+    try:
+        alive.recv()
+    except EOFError:
+        pass
+    os._exit(0)
 
 
-def _serve(conn: Any, fns: Sequence[Callable], call: Callable, parent: int) -> None:
+def _serve(conn: Any, alive: Any, fns: Sequence[Callable], call: Callable) -> None:
     """The worker's loop: for each (function index, calls) received, send one outcome per call."""
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_exit_with_scorer, args=(alive,), daemon=True).start()
     conn.send(("ready",))
     while True:
         try:
@@ -79,28 +80,32 @@ class RewardWorker:
             self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
+        self._alive: Any = None
         self.restarts = 0                                  # workers replaced after a timeout or a crash
 
     def _start(self) -> None:
         ours, theirs = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, args=(theirs, self.fns, self.call, os.getpid()), daemon=True,
+        alive_r, alive_w = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_serve, args=(theirs, alive_r, self.fns, self.call), daemon=True,
                                  name="dsv32-reward-worker")
         proc.start()
         theirs.close()
+        alive_r.close()
         try:
             ours.recv()              # "ready": no time limit here, starting is not a reward call
         except EOFError:
             proc.join()
             raise RuntimeError(f"the reward worker process exited while starting (code {proc.exitcode}); "
                                f"run without a reward time limit to see the reward module's error") from None
-        self._proc, self._conn = proc, ours
+        self._proc, self._conn, self._alive = proc, ours, alive_w
 
     def _stop(self) -> None:
         if self._proc is not None:
             self._conn.close()
+            self._alive.close()
             self._proc.kill()
             self._proc.join()
-        self._proc = self._conn = None
+        self._proc = self._conn = self._alive = None
 
     def run(self, index: int, calls: Sequence[tuple[str, str, Any]]) -> list[Outcome]:
         """The outcomes of `fns[index]` on each (prompt, completion, example), in order."""
