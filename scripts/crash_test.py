@@ -2,7 +2,7 @@
 resume each, and check that the per-step metrics equal those of an uninterrupted run exactly.
 
     python scripts/crash_test.py                      # the full run: 6 kills per verb (24 in all)
-    python scripts/crash_test.py --small              # one kill per verb, inside a save (make test)
+    python scripts/crash_test.py --small              # one kill per verb, inside its last save (make test)
 
 For each verb (tiny model, CPU, seconds a run): one uninterrupted reference run, then trials.
 A trial is a fresh run folder that is launched, killed, relaunched (with `--resume` once a
@@ -135,7 +135,7 @@ def new_record(out: Path, metrics: str, done: int, since_ns: int) -> bool:
 
 
 def kill_once(argv: list[str], out: Path, metrics: str, *, steps: int, save_every: int, timing: tuple[float, float],
-              rng: random.Random, moment: str) -> str | None:
+              rng: random.Random, moment: str, small: bool) -> str | None:
     """One launch of a trial, killed at a `moment`; returns where the kill landed ("save", "run",
     "start"), or None if the run ended first. timing: the reference's (seconds to its first
     record, seconds from there to the end)."""
@@ -145,7 +145,8 @@ def kill_once(argv: list[str], out: Path, metrics: str, *, steps: int, save_ever
     if moment == "save":
         saves = [s for s in range(done + 1, steps + 1) if s % save_every == 0 or s == steps]
         marker = out.parent / f"paused-{rng.getrandbits(32):08x}"
-        proc = launch(argv, out, log, pause_at=(rng.choice(saves), marker))
+        # --small pauses in the last save, so that the relaunch resumes from the one before it.
+        proc = launch(argv, out, log, pause_at=(saves[-1] if small else rng.choice(saves), marker))
     else:
         proc = launch(argv, out, log)
 
@@ -198,7 +199,7 @@ def run_verb(name: str, spec: tuple[list[str], str, bool], work: Path, *, kills:
             resume = needs_resume and checkpoint_steps(out)
             moment = "save" if small else rng.choice(["save", "start", "run"])
             landed = kill_once(argv + (["--resume"] if resume else []), out, metrics, steps=steps,
-                               save_every=save_every, timing=timing, rng=rng, moment=moment)
+                               save_every=save_every, timing=timing, rng=rng, moment=moment, small=small)
             row["launches"] += 1
             if landed is not None:
                 row[landed] += 1
