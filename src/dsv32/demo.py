@@ -284,11 +284,12 @@ def _train_curves(out: Path, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from .training.metrics import read_metrics
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for ax, stage, key, title in ((axes[0], "pretrain", "loss", "pretraining (dense): LM loss"),
                                   (axes[1], "warmup", "indexer_kl", "indexer warm-up: KL"),
                                   (axes[2], "sparse", "lm_loss", "sparse training: LM loss")):
-        records = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(out / stage / "metrics.jsonl")
         points = [(r["step"], r[key]) for r in records if r.get("kind") == "train" and key in r]
         if points:
             ax.plot(*zip(*points))

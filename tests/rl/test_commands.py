@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 import dsv32
 from dsv32.cli import main
 from dsv32.rl import RewardWarning, read_metrics
+from tests.killing import sigkill, wait_for
 from tests.rl.helpers import same_weights
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,16 +107,9 @@ def test_sigkilled_sft_resumes_onto_the_uninterrupted_loss_curve(tmp_path, capsy
     try:
         # The event: the first checkpoint is in place. Wherever the kill then lands (mid-step,
         # mid-save, even after the end), resuming must give the uninterrupted run.
-        deadline = time.monotonic() + 300
-        while not list((killed / "checkpoints").glob("checkpoint-*")):
-            assert proc.poll() is None, "the SFT process ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "timed out waiting for the first checkpoint"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        wait_for(lambda: any((killed / "checkpoints").glob("checkpoint-*")), proc, "the first checkpoint")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        sigkill(proc)
 
     assert "already holds checkpoints" in _error(capsys, [*args, "--out", str(killed)])
     assert "other settings (train.lr: 0.001 vs 0.5; checkpoint vs now)" in _error(

@@ -1,9 +1,13 @@
-"""Rewards: built-in task rewards, failures scored and counted (warned once per kind), a reward
-that fails on every sample stops the run with its name."""
+"""Rewards: built-in task rewards, failures scored and counted (warned once per kind, tallied per
+function), a reward that fails on every sample stops the run with its name; with a time limit the
+calls run in a worker process, a call that never returns is a failure and the worker is replaced.
+No test here depends on the machine's speed: the calls that overrun block forever, and the
+others finish in microseconds against limits of seconds."""
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import pytest
@@ -12,7 +16,7 @@ import torch
 from dsv32.rl import (GRPOConfig, RewardError, RewardScorer, RewardWarning, is_correct, load_reward,
                       task_reward, train_grpo)
 from dsv32.tasks import Example
-from tests.rl.helpers import TOKENIZER, arithmetic, tiny_policy
+from tests.rl.helpers import TOKENIZER, arithmetic, digit_reward, tiny_policy
 
 EX = Example("Question: What is 2 + 3?\nAnswer: ", "5", {"task": "arithmetic"})
 
@@ -112,3 +116,63 @@ def test_the_loop_reports_failures_and_stops_on_a_broken_reward(tmp_path):
         train_grpo(policy, TOKENIZER, arithmetic(4), config, reward_fns=[always_broken], out_dir=tmp_path,
                    show_progress=False)
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())     # no update happened
+
+
+# Module-level, so that they pickle into the reward worker.
+def _blocks_on_hang(prompt, completion, example):
+    if completion == "hang":
+        threading.Event().wait()                               # never set: the call never returns
+    return 1.0
+
+
+def _huge(prompt, completion, example):
+    return {"1e308": 1e308, "-1e39": -1e39, "int": 10 ** 400}.get(completion, 2.0)
+
+
+@pytest.mark.parametrize("timeout", [None, 600.0])
+def test_failures_are_the_same_in_process_and_in_the_worker(timeout):
+    scorer = RewardScorer([_flaky, _huge], failure_value=-1.0, timeout=timeout)
+    completions = ["ok", "raise", "nan", "inf", "str", "1e308", "-1e39", "int"]
+    with pytest.warns(RewardWarning) as caught:
+        scores = scorer([""] * 8, completions, [EX] * 8)
+    scorer.close()
+    assert scores.per_function["_flaky"].tolist() == [1.0] + [-1.0] * 4 + [1.0] * 3
+    assert scores.per_function["_huge"].tolist() == [2.0] * 5 + [-1.0] * 3       # overflow: a failure, no crash
+    assert scores.failures_by_function == {"_flaky": 4, "_huge": 3} and scores.failures == 7
+    assert any("1e+308, beyond float32's range" in str(w.message) for w in caught)
+
+
+def test_a_call_that_never_returns_is_a_failure_and_the_worker_is_replaced():
+    scorer = RewardScorer([_blocks_on_hang, task_reward("arithmetic")], timeout=2.0)
+    try:
+        with pytest.warns(RewardWarning, match="'_blocks_on_hang' took longer than the 2 s limit"):
+            scores = scorer([""] * 4, ["5", "hang", "6", "5"], [EX] * 4)
+        assert scores.per_function["_blocks_on_hang"].tolist() == [1.0, 0.0, 1.0, 1.0]
+        assert scores.per_function["arithmetic_exact"].tolist() == [1.0, 0.0, 0.0, 1.0]
+        assert scores.failures_by_function == {"_blocks_on_hang": 1, "arithmetic_exact": 0}
+        assert scorer.worker.restarts == 1
+        assert scorer([""] * 2, ["5", "5"], [EX] * 2).failures == 0           # the new worker serves the next batch
+        with pytest.raises(RewardError, match="'_blocks_on_hang' failed on all 1 samples.*2 s limit"):
+            scorer([""], ["hang"], [EX])                                   # a whole batch timed out: stop
+    finally:
+        scorer.close()
+
+
+def test_a_time_limit_needs_picklable_rewards_and_a_positive_number():
+    with pytest.raises(ValueError, match="'<lambda>' is not"):
+        RewardScorer([digit_reward, lambda p, c, e: 1.0], timeout=5)
+    for bad in (0, -1.0, math.inf, math.nan, "5", True):
+        with pytest.raises(ValueError, match="reward timeout"):
+            RewardScorer(digit_reward, timeout=bad)
+    with pytest.raises(ValueError, match="reward_timeout"):
+        GRPOConfig(reward_timeout=0)
+
+
+def test_grpo_with_a_time_limit_repeats_the_in_process_run_and_tallies_per_function():
+    config = dict(steps=2, prompts_per_step=2, group_size=3, max_new_tokens=3, lr=1e-3)
+    runs = [train_grpo(tiny_policy(), TOKENIZER, arithmetic(4), GRPOConfig(**config, reward_timeout=limit),
+                       reward_fns=[digit_reward, task_reward("arithmetic")], show_progress=False)
+            for limit in (None, 600.0)]
+    plain = [[{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in run] for run in runs]
+    assert plain[0] == plain[1]
+    assert plain[0][0]["reward_failures/digit_reward"] == 0 and "reward_failures/arithmetic_exact" in plain[0][0]

@@ -98,6 +98,36 @@ def test_metrics_log_fresh_and_resumed(tmp_path):
     assert read_metrics(path) == []
 
 
+@pytest.mark.parametrize("torn", ['{"step": 3, "loss": 1.2', '{"step": 3, "lo\0\0\0', "[1, 2", "\0\0\0\0"])
+def test_a_torn_last_line_is_dropped_with_a_warning_naming_file_and_line(tmp_path, torn):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n' + torn)
+    with pytest.warns(UserWarning, match=rf"metrics.jsonl, line 3: dropped a torn last record"):
+        assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    with pytest.warns(UserWarning, match="line 3"):
+        MetricsLog(path).truncate_after(2)         # what a resume does: the file is whole again
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_broken_line_before_the_last_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics record"):
+        read_metrics(path)
+
+
+def test_a_run_killed_mid_log_write_resumes_onto_the_same_curve(tmp_path):
+    whole = make_trainer(tmp_path / "whole").fit()
+    run = tmp_path / "run"
+    make_trainer(run).fit(stop_at=3)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 4, "loss": 3.')       # the write the kill cut short
+    with pytest.warns(UserWarning, match=r"metrics.jsonl, line 4: dropped a torn last record"):
+        resumed = make_trainer(run)
+        resumed.fit(resume=True)
+    assert [r["loss"] for r in read_metrics(run / "metrics.jsonl")] == [r["loss"] for r in whole]
+
+
 LEFTOVERS = {
     "checkpoints/.checkpoint-00000004.tmp": "dir",           # this module's temporary folder
     "checkpoints/..checkpoint-00000004.tmp.tmp-k2j1x9": "dir",  # the HF writer's, beside it (pretrain/sparsify)
@@ -106,6 +136,7 @@ LEFTOVERS = {
     ".checkpoint-000040.old-4242": "dir",                    # the old GRPO writer's set-aside copy
     "checkpoints/.checkpoint-000012.tmp-77": "dir",
     "metrics.jsonl.tmp": "file",                             # the trainer's log truncation
+    "../.run.tmp-x8f2k1": "dir",                             # the HF writer's, for a model saved at the run folder (sft)
     ".metrics.jsonl.tmp-4242": "file",                       # the old RL log's
 }
 
@@ -129,6 +160,17 @@ def test_leftovers_of_every_writer_are_cleaned_at_start(tmp_path):
     assert make_trainer(run, steps=2).fit(resume=True) == []
     assert not [n for n in LEFTOVERS if (run / n).exists()]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-00000002"]
+
+
+def test_grpo_cleans_the_same_leftovers_at_start(tmp_path):
+    from dsv32.rl import GRPOConfig, train_grpo
+    from tests.rl.helpers import TOKENIZER, arithmetic
+    run = tmp_path / "run"
+    _plant_leftovers(run)
+    config = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=2)
+    train_grpo(tiny_policy(), TOKENIZER, arithmetic(4), config, out_dir=run, show_progress=False)
+    assert not [n for n in LEFTOVERS if (run / n).exists()]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-00000001"]
 
 
 def test_resume_with_other_settings_names_each_one(tmp_path):

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests.killing import HANG_GUARD_S
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
 
 TOL = 1e-5
@@ -24,7 +26,7 @@ def run(args, nproc=1, cwd=None, env=None):
                 if nproc > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(launcher + ["-m", "dsv32", *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=300)
+                          timeout=HANG_GUARD_S)   # a hang guard, not a speed test
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -132,7 +134,7 @@ def test_eval_refuses_torchrun_in_one_line(mtp_model, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launcher + ["-m", "dsv32", "eval", "--model", str(mtp_model)], capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=env, timeout=HANG_GUARD_S)   # a hang guard, not a speed test
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if "dsv32: error:" in line]
     assert len(ours) == 2 and all("eval runs on one process" in line for line in ours), proc.stderr[-2000:]

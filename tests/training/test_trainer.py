@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 import dsv32
 from dsv32.training.checkpointing import STATE_NAME, CheckpointFolder
 from dsv32.training.optim import lr_factor, update_router_bias
+from tests.killing import sigkill, wait_for
 from tests.training.helpers import byte_model, make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +63,8 @@ out, marker = Path(sys.argv[1]), Path(sys.argv[2])
 def pause_on_second_save(tmp):
     if tmp.name.startswith(".checkpoint-00000004"):
         marker.write_text(str(tmp))         # tell the test we are inside the write, then wait for the kill
-        time.sleep(600)
+        while True:
+            time.sleep(3600)
 
 ckpt = CheckpointFolder(out / "checkpoints", during_write=pause_on_second_save)
 make_trainer(out, checkpointer=ckpt, save_every=2).fit()
@@ -76,17 +76,11 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(out), str(marker)], env=env, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, "the training process ended before reaching the checkpoint write"
-            assert time.monotonic() < deadline, "timed out waiting for the checkpoint write"
-            time.sleep(0.05)
+        # The event: the child is inside the write of checkpoint 4 (it wrote the marker, then waits).
+        wait_for(lambda: marker.exists() and marker.read_text(), proc, "the checkpoint write")
         assert Path(marker.read_text()).joinpath("model.safetensors").exists()   # half-written checkpoint
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        sigkill(proc)
     ckpt = CheckpointFolder(out / "checkpoints")
     assert [p.name for p in ckpt.checkpoints()] == ["checkpoint-00000002"]
     dsv32.load_pretrained(ckpt.latest())                             # still loadable

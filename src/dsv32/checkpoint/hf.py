@@ -17,6 +17,7 @@ before loading, and a tensor holding NaN or inf is refused on every load.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -324,6 +325,13 @@ def _install(tmp: Path, dest: Path, names: list[str]) -> None:
     for old in dest.iterdir():
         if _WEIGHT_FILE.match(old.name) and old.name not in names:
             old.unlink()
+
+
+def writer_temporaries(path: str | Path) -> list[Path]:
+    """The temporary folders that `write_checkpoint(..., path)` calls killed mid-write left
+    behind (`.NAME.tmp-XXXXXXXX` beside `path`); a run removes them at its next start."""
+    dest = Path(path)
+    return sorted(dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*")) if dest.parent.is_dir() else []
 
 
 def write_checkpoint(items: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig, path: str | Path, *,

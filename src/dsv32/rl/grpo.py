@@ -28,15 +28,16 @@ per completion token where selection bites (`selection_bytes` per rollout and
 selections too, for samplers whose numerics differ from the trainer's (see `dsv32.rl.replay`).
 
 Metrics per step: reward_mean, reward_std (mean within-group), accuracy (task scorer, sampled
-completions), zero_std_frac, reward_failures, response_length, truncated_frac; averaged over the
-step's updates: loss, pg_objective, kl (kl_mean), clip_frac, masked_frac, kl_old_theta,
-ratio_mean, entropy, grad_norm; ratio_max / ratio_min over all updates; with keep selection,
-selection_bytes (the recorded selection of this rank's rollout) and selection_bytes_per_token
-(per completion position: layers x K x 4, more with keep_prompt_selection); mismatch, the mean
-|log pi_theta - log pi_old| at the step's first update, where the weights are still the
-sampler's — any deviation there is sampler/trainer mismatch, not learning; eval_accuracy
-(greedy, held-out) every `eval_every` steps; rollout_seconds (sampling and scoring) and
-update_seconds (reference pass and updates).
+completions), zero_std_frac, reward_failures and reward_failures/NAME per reward function (calls
+that raised, timed out or returned NaN/inf/an overflow/a non-number), response_length,
+truncated_frac; averaged over the step's updates: loss, pg_objective, kl (kl_mean), clip_frac,
+masked_frac, kl_old_theta, ratio_mean, entropy, grad_norm; ratio_max / ratio_min over all
+updates; with keep selection, selection_bytes (the recorded selection of this rank's rollout)
+and selection_bytes_per_token (per completion position: layers x K x 4, more with
+keep_prompt_selection); mismatch, the mean |log pi_theta - log pi_old| at the step's first
+update, where the weights are still the sampler's — any deviation there is sampler/trainer
+mismatch, not learning; eval_accuracy (greedy, held-out) every `eval_every` steps;
+rollout_seconds (sampling and scoring) and update_seconds (reference pass and updates).
 
 Randomness is a function of (seed, step): the prompt order, the rollout seeds and the
 mini-batch order, so a resumed run repeats an uninterrupted one exactly.
@@ -122,8 +123,10 @@ class GRPOConfig:
     keep_prompt_selection: bool = _opt(False, "replay it for prompt tokens too (layers x K x 4 B per prompt "
                                               "token per sample)")
     failure_reward: float = _opt(0.0, "what a failed reward call scores")
+    reward_timeout: float | None = _opt(None, "seconds one reward call may take, enforced in a worker process "
+                                              "(then a failure); None = no limit, in-process")
     seed: int = _opt(0, "seeds the prompt order, rollouts and mini-batches")
-    checkpoint_every: int = _opt(0, "steps between checkpoints; 0 = at the end only")
+    checkpoint_every: int = _opt(100, "steps between checkpoints; 0 = at the end only")
     keep_checkpoints: int = _opt(1, "checkpoints kept")
     eval_every: int = _opt(0, "steps between greedy held-out evaluations; 0 = never")
 
@@ -149,6 +152,8 @@ class GRPOConfig:
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_number("failure_reward", self.failure_reward)
+        require(self.reward_timeout is None or (is_number(self.reward_timeout) and 0 < self.reward_timeout < math.inf),
+                "reward_timeout", "seconds > 0, or None for no limit", self.reward_timeout)
         for name in ("sampler_fp8_cache", "scale_by_std", "keep_routing", "keep_sampling_mask", "keep_selection",
                      "keep_prompt_selection"):
             check_bool(name, getattr(self, name))
@@ -274,8 +279,8 @@ def _average_over_ranks(record: dict[str, Any], info: DistInfo) -> dict[str, Any
             key, torch.distributed.ReduceOp.SUM)
         torch.distributed.all_reduce(t, op=op)
         total = float(t)
-        out[key] = total if key in ("ratio_max", "ratio_min", "reward_failures", "skipped_updates") \
-            else total / info.world_size
+        counted = key in ("ratio_max", "ratio_min", "skipped_updates") or key.startswith("reward_failures")
+        out[key] = total if counted else total / info.world_size
     return out
 
 
@@ -310,7 +315,7 @@ def train_grpo(
         if task is None:
             raise ValueError("reward_fns is required for examples from no built-in task (meta['task'] unset)")
         reward_fns = task_reward(task)
-    scorer = RewardScorer(reward_fns, failure_value=cfg.failure_reward)
+    scorer = RewardScorer(reward_fns, failure_value=cfg.failure_reward, timeout=cfg.reward_timeout)
     if cfg.eval_every and not eval_examples:
         raise ValueError(f"eval_every={cfg.eval_every} needs eval_examples")
     info = dist or DistInfo()
@@ -372,6 +377,7 @@ def train_grpo(
             "accuracy": sum(map(is_correct, rollout.examples, rollout.completions)) / B,
             "zero_std_frac": float(adv_metrics["zero_std_frac"]),
             "reward_failures": scores.failures,
+            **{f"reward_failures/{name}": n for name, n in scores.failures_by_function.items()},
             "response_length": float(rollout.lengths.float().mean()),
             "truncated_frac": rollout.finish_reason.count("length") / B,
         }
@@ -396,4 +402,5 @@ def train_grpo(
             ckpt.save(step, models, optimizer, {"step": step, "data_position": sampler.position}, settings=settings)
         bar.update(reward=record["reward_mean"], acc=record["accuracy"])
     bar.close()
+    scorer.close()      # stops the reward worker (a time limit's); one left by an error exits with us
     return history

@@ -9,16 +9,22 @@ where `completion` is the generated text (special tokens removed) and `example` 
 the prompt came from (its `answer` and `meta` are what a verifier needs). Several functions are
 summed.
 
-Failures. A call that raises, or returns NaN, +-inf or something that is not a real number,
-is a *failure*: it scores `failure_value` (0 by default), is counted in the step's metrics, and
-is reported once per kind (function, exception type or bad value) as a `RewardWarning` with
-the exception's type and message. A function that fails on EVERY sample of a batch is broken,
-not unlucky — training on its constant failure value would be silent nonsense — so the
-scorer stops with a `RewardError` that names it.
+Time limit. `RewardScorer(..., timeout=SECONDS)` (`dsv32 grpo --reward-timeout SECONDS`) runs
+the calls in a worker process that is reused across steps and killed and restarted when a call
+overruns (`dsv32.rl.reward_worker`); the functions must then be picklable (module-level). Without
+a limit they run in the trainer's process, and a function that hangs stalls the run.
 
-Left out on purpose: reward models (a neural scorer is just another callable here), timeouts
-for slow rewards (run them in a subprocess yourself if they can hang), and reward shaping
-beyond summing (length penalties and format bonuses are further callables).
+Failures. A call that raises, overruns the time limit, or returns NaN, +-inf, a number beyond
+float32's range (the scores are float32: 1e308 would overflow) or something that is not a real
+number, is a *failure*: it scores `failure_value` (0 by default), is counted in the step's
+metrics (`reward_failures`, and `reward_failures/NAME` per function), and is reported once per
+kind (function, exception type or bad value) as a `RewardWarning` with the exception's type and
+message. A function that fails on EVERY sample of a batch is broken, not unlucky — training on
+its constant failure value would be silent nonsense — so the scorer stops with a `RewardError`
+that names it.
+
+Left out on purpose: reward models (a neural scorer is just another callable here) and reward
+shaping beyond summing (length penalties and format bonuses are further callables).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..tasks import Example, get_task, score_exact
+from .reward_worker import Outcome, RewardWorker
 
 RewardFn = Callable[[str, str, Example], float]
 
@@ -50,19 +57,29 @@ def reward_name(fn: RewardFn) -> str:
     return getattr(fn, "__name__", None) or repr(fn)
 
 
+class TaskReward:
+    """The reward of a built-in task (`task_reward`); a class, not a closure, so that it pickles
+    into the reward worker process."""
+
+    def __init__(self, task: str) -> None:
+        get_task(task)                                   # an unknown task fails here
+        self.task = task
+        self.__name__ = f"{task}_exact"
+
+    def __call__(self, prompt: str, completion: str, example: Example) -> float:
+        return get_task(self.task).score(example, completion)
+
+    def __repr__(self) -> str:
+        return f"task_reward({self.task!r})"
+
+
 def task_reward(task: str) -> RewardFn:
     """Exact-match (or, for countdown, verified) reward of a built-in task: 1.0 or 0.0.
 
     Uses the task's own scorer (`dsv32.tasks`), which forgives only whitespace and a
     trailing end-of-text marker, so the reward cannot be gamed by a lenient parser.
     """
-    spec = get_task(task)
-
-    def reward(prompt: str, completion: str, example: Example) -> float:
-        return spec.score(example, completion)
-
-    reward.__name__ = f"{task}_exact"
-    return reward
+    return TaskReward(task)
 
 
 def is_correct(example: Example, completion: str) -> bool:
@@ -91,15 +108,29 @@ def load_reward(spec: str) -> RewardFn:
     return fn
 
 
-def _failure_kind(value: object) -> tuple[str, str] | None:
-    """None for a finite real number, else (kind, description) of what is wrong with it."""
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def call_reward(fn: RewardFn, prompt: str, completion: str, example: Example) -> Outcome:
+    """One reward call: ("ok", value) for a finite real number within float32's range, else
+    ("fail", kind, description of what went wrong). Runs in the trainer or in the worker."""
+    try:
+        value = fn(prompt, completion, example)
+    except Exception as e:  # a user's function may raise anything; it must not end the run
+        return "fail", type(e).__name__, f"raised {type(e).__name__}: {e}"
     if not isinstance(value, numbers.Real):
-        return f"non-number {type(value).__name__}", f"returned {type(value).__name__} {value!r:.60}"
+        return "fail", f"non-number {type(value).__name__}", f"returned {type(value).__name__} {value!r:.60}"
+    try:
+        value = float(value)
+    except (OverflowError, ValueError, TypeError) as e:   # a huge int, or a Real that will not convert
+        return "fail", "overflow", f"returned {value!r:.60}, not a float ({e})"
     if math.isnan(value):
-        return "NaN", "returned NaN"
+        return "fail", "NaN", "returned NaN"
     if math.isinf(value):
-        return "inf", f"returned {value}"
-    return None
+        return "fail", "inf", f"returned {value}"
+    if abs(value) > _FLOAT32_MAX:
+        return "fail", "overflow", f"returned {value:g}, beyond float32's range (|r| <= {_FLOAT32_MAX:.3g})"
+    return "ok", value
 
 
 @dataclass
@@ -107,6 +138,7 @@ class RewardScores:
     rewards: torch.Tensor           # (B,) float32: the sum of all functions, failures scored as failure_value
     failures: int                   # failed calls in this batch, all functions together
     per_function: dict[str, torch.Tensor]   # name -> (B,) float32, each function's own scores
+    failures_by_function: dict[str, int]    # name -> failed calls of that function in this batch
 
 
 class RewardScorer:
@@ -114,9 +146,12 @@ class RewardScorer:
 
     reward_fns: one or more callables (prompt, completion, example) -> float, summed.
     failure_value: what a failed call scores (default 0.0, the reward of a wrong answer).
+    timeout: seconds one call may take, enforced in a worker process; None = no limit, in-process.
+    Call `close()` when done (it stops the worker).
     """
 
-    def __init__(self, reward_fns: RewardFn | Sequence[RewardFn], *, failure_value: float = 0.0) -> None:
+    def __init__(self, reward_fns: RewardFn | Sequence[RewardFn], *, failure_value: float = 0.0,
+                 timeout: float | None = None) -> None:
         fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
         if not fns:
             raise ValueError("reward_fns must hold at least one reward function")
@@ -127,12 +162,26 @@ class RewardScorer:
         if isinstance(failure_value, bool) or not isinstance(failure_value, numbers.Real) \
                 or not math.isfinite(failure_value):
             raise ValueError(f"failure_value must be a finite number, got {failure_value!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                    or not 0 < timeout < math.inf):
+            raise ValueError(f"reward timeout must be a number of seconds > 0 (or None for no limit), got {timeout!r}")
         self.reward_fns = fns
         self.failure_value = float(failure_value)
         self._warned: set[tuple[str, str]] = set()
         names = [reward_name(fn) for fn in fns]
         # Two functions may share a name (two lambdas): number them so metrics keep both.
         self.names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        self.worker = None if timeout is None else RewardWorker(fns, self.names, call_reward, timeout)
+
+    def close(self) -> None:
+        """Stop the worker process (if any); the scorer starts a new one if called again."""
+        if self.worker is not None:
+            self.worker.close()
+
+    def _outcomes(self, index: int, calls: list[tuple[str, str, Example]]) -> list[Outcome]:
+        if self.worker is not None:
+            return self.worker.run(index, calls)
+        return [call_reward(self.reward_fns[index], *call) for call in calls]
 
     def _warn_once(self, name: str, kind: str, message: str) -> None:
         if (name, kind) in self._warned:
@@ -150,21 +199,16 @@ class RewardScorer:
         B = len(completions)
         total = torch.zeros(B, dtype=torch.float32)
         per_function: dict[str, torch.Tensor] = {}
-        failures = 0
-        for fn, name in zip(self.reward_fns, self.names):
+        by_function: dict[str, int] = {}
+        calls = list(zip(prompts, completions, examples))
+        for index, name in enumerate(self.names):
             scores = torch.empty(B, dtype=torch.float32)
             failed, last = 0, ""
-            for i, (p, c, ex) in enumerate(zip(prompts, completions, examples)):
-                try:
-                    value = fn(p, c, ex)
-                except Exception as e:  # a user's function may raise anything; it must not end the run
-                    kind, message = type(e).__name__, f"raised {type(e).__name__}: {e}"
-                else:
-                    bad = _failure_kind(value)
-                    if bad is None:
-                        scores[i] = float(value)
-                        continue
-                    kind, message = bad
+            for i, outcome in enumerate(self._outcomes(index, calls)):
+                if outcome[0] == "ok":
+                    scores[i] = outcome[1]
+                    continue
+                _, kind, message = outcome
                 failed += 1
                 last = message
                 scores[i] = self.failure_value
@@ -172,7 +216,7 @@ class RewardScorer:
             if B and failed == B:
                 raise RewardError(f"reward function {name!r} failed on all {B} samples of a batch "
                                   f"(last failure: {last}); fix the function or remove it")
-            failures += failed
+            by_function[name] = failed
             per_function[name] = scores
             total += scores
-        return RewardScores(total, failures, per_function)
+        return RewardScores(total, sum(by_function.values()), per_function, by_function)

@@ -52,7 +52,7 @@ class SFTConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
     seed: int = field(default=0, metadata={"help": "seeds the example order"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = at the end only"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints; 0 = at the end only"})
     keep_checkpoints: int = field(default=1, metadata={"help": "checkpoints kept"})
 
     def __post_init__(self) -> None:

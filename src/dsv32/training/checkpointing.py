@@ -23,9 +23,10 @@ save) removes the crash leftovers of every writer this project has had: `.checkp
 (this module's temporary folders, the old GRPO writer's `.checkpoint-N.tmp-PID` and
 `.checkpoint-N.old-PID`) and `..checkpoint-*` (the HF writer's own temporary folder beside a
 temporary checkpoint folder), in the checkpoint root and in the run folder above it (where GRPO
-used to write). Reading uses `torch.load(weights_only=True)`, safetensors, and for DCP metadata
-(a pickle) an unpickler that admits only DCP's own classes (`checkpoint.dcp_reader`): nothing in
-a checkpoint can run code.
+used to write), and the HF writer's temporary folder of a model saved at the run folder itself
+(`.RUN.tmp-*` beside it: sft's final model). Reading uses `torch.load(weights_only=True)`,
+safetensors, and for DCP metadata (a pickle) an unpickler that admits only DCP's own classes
+(`checkpoint.dcp_reader`): nothing in a checkpoint can run code.
 
 Optimizer state: by parameter name (torch.distributed.checkpoint.state_dict's full form), so a
 checkpoint resumes at any world size; under torchrun every rank calls `save`/`load`, the full
@@ -43,6 +44,13 @@ not a page of size mismatches. Settings named in `MAY_CHANGE_ON_RESUME` may diff
                        computed over the new total); fewer end it where it is
     log_every, save_every, checkpoint_every, keep_checkpoints, eval_every, eval_sequences,
     progress           logging, evaluation, checkpoint cadence and the progress display
+    reward_timeout     GRPO's reward time limit (a run stalled by a hanging reward resumes with one)
+
+Fault injection: with the environment variable `DSV32_PAUSE_IN_SAVE=STEP:FILE`, the save of
+checkpoint STEP stops where `during_write` is called (models written, trainer state not yet),
+writes the temporary folder's path to FILE and waits there until the process is killed; this is
+how `scripts/crash_test.py` and the tests kill a run in the middle of a save, whatever the
+machine's speed.
 
 Left out: asynchronous saves and cloud storage.
 """
@@ -53,6 +61,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -66,6 +75,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ..checkpoint import load_pretrained, write_checkpoint
 from ..checkpoint.integrity import write_manifest
+from ..checkpoint.hf import writer_temporaries
 from ..checkpoint.keymap import hf_state_items
 from ..config import ModelConfig
 from ..distributed import DistInfo, barrier, single_process_dcp
@@ -75,7 +85,7 @@ STATE_FORMAT = 2
 DCP_DIR = "dcp"
 MAIN_MODEL = "model"           # the model written at the top of a checkpoint folder
 MAY_CHANGE_ON_RESUME = frozenset({"steps", "log_every", "save_every", "checkpoint_every", "keep_checkpoints",
-                                  "eval_every", "eval_sequences", "progress"})
+                                  "eval_every", "eval_sequences", "progress", "reward_timeout"})
 LEFTOVER_PREFIXES = (".checkpoint-", "..checkpoint-")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _RESERVED = frozenset({"format", "settings", "rng", "optimizer"})
@@ -163,6 +173,20 @@ def save_full_model(model: nn.Module, path: str | Path, info: DistInfo) -> None:
     barrier(info)
 
 
+def _pause_if_asked(step: int, tmp: Path) -> None:
+    """The DSV32_PAUSE_IN_SAVE hook (module docstring)."""
+    asked = os.environ.get("DSV32_PAUSE_IN_SAVE")
+    if not asked:
+        return
+    at, _, marker = asked.partition(":")
+    if not at.isdigit() or not marker:
+        raise ValueError(f"DSV32_PAUSE_IN_SAVE must be STEP:FILE, got {asked!r}")
+    if int(at) == step:
+        Path(marker).write_text(str(tmp))
+        while True:                          # until the crash test's SIGKILL
+            time.sleep(3600)
+
+
 class CheckpointFolder:
     """A root folder of `checkpoint-NNNNNNNN/` checkpoints (see the module docstring).
 
@@ -207,6 +231,8 @@ class CheckpointFolder:
                 for path in folder.iterdir():
                     if path.name.startswith(LEFTOVER_PREFIXES):
                         _remove(path)
+        for path in writer_temporaries(self.root.parent):
+            _remove(path)
 
     def _prune(self, final: Path) -> None:
         for old in self.checkpoints()[:-self.keep]:
@@ -245,6 +271,7 @@ class CheckpointFolder:
             if info.is_main:
                 if self.during_write is not None:
                     self.during_write(tmp)
+                _pause_if_asked(step, tmp)
                 torch.save(record, tmp / STATE_NAME)
                 write_manifest(tmp, [STATE_NAME])     # beside the main model's files' checksums
                 _fsync_tree(tmp)

@@ -88,7 +88,7 @@ _TRAIN_HELP = {
     "grad_clip": "global grad-norm clip (0 = off)", "bias_update_gamma": "router bias update speed (0 = off)",
     "bf16": "bf16 autocast (CUDA only)", "activation_checkpointing": "recompute blocks in backward",
     "seed": "seeds the weights, the data order and the trainer", "log_every": "steps between log lines",
-    "save_every": "checkpoint cadence (0 = only at the end)", "keep_checkpoints": "checkpoints to keep",
+    "save_every": "steps between checkpoints (0 = only at the end)", "keep_checkpoints": "checkpoints to keep",
     "eval_every": "held-out evaluation cadence (0 = off)", "progress": "progress bar",
 }
 

@@ -4,7 +4,9 @@ Every record has `step` (optimizer steps done); the trainer's also have `kind` (
 "eval"). On resume the records written after the checkpoint's step are dropped
 (`truncate_after`), since the resumed run writes them again; so a resumed run's file reads like
 an uninterrupted one. A fresh run starts with `truncate_after(0)`, which also drops the records
-of a run killed before its first checkpoint.
+of a run killed before its first checkpoint. A run killed (or out of disk) in the middle of a
+write leaves a torn last line: reading drops it with a warning naming the file and the line, so
+the run resumes; an unreadable line anywhere else is an error naming both.
 
 Left out: TensorBoard / W&B writers (a JSONL file is trivial to load into either), and
 multi-rank aggregation: only the process that owns the file writes to it.
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,11 +35,29 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSONL metrics file, in order ([] when there is none)."""
+    """The records of a JSONL metrics file, in order ([] when there is none). A torn last line
+    is dropped with a warning; any other line that is not a JSON object is a ValueError."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
+             if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record, problem = None, str(e)
+        else:
+            problem = "" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+        if not problem:
+            records.append(record)
+        elif i == len(lines) - 1:
+            warnings.warn(f"{path}, line {n}: dropped a torn last record (a write cut short: {problem})",
+                          stacklevel=2)
+        else:
+            raise ValueError(f"{path}, line {n}: not a metrics record ({problem})")
+    return records
 
 
 class MetricsLog:

@@ -79,7 +79,7 @@ class TrainConfig:
     seed: int = 0
     # Cadence: free to change when resuming (checkpointing.MAY_CHANGE_ON_RESUME), as is `steps`.
     log_every: int = 10
-    save_every: int = 0               # 0 = only at the end
+    save_every: int = 100             # a kill loses at most this many steps; 0 = only at the end
     keep_checkpoints: int = 1
     eval_every: int = 0               # 0 = never (needs an `evaluate` function)
     progress: bool = True
