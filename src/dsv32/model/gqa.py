@@ -292,6 +292,18 @@ class GQAForCausalLM(nn.Module):
         if last >= cfg.max_position_embeddings:
             raise ValueError(f"position {last} is beyond max_position_embeddings={cfg.max_position_embeddings}")
 
+    def new_cache(self, batch: int, max_length: int, *, kind: str = "static", fp8: bool = False):
+        """The K/V (+ indexer key) cache `dsv32.inference.generate` uses for this model; both
+        kinds ("static", "growing") get the preallocated `GQACache`."""
+        from ..inference.gqa_cache import GQACache
+        if kind not in ("static", "growing"):
+            raise ValueError(f"cache must be 'static' or 'growing', got {kind!r}")
+        if fp8:
+            raise ValueError("fp8_cache is not supported for dense GQA models (their cache holds K/V in the "
+                             "model's dtype)")
+        return GQACache(self.config, batch, max_length, dtype=self.lm_head.weight.dtype,
+                        device=self.lm_head.weight.device)
+
     def layer(self, idx: int) -> GQABlock:
         return self.model.layers[idx]
 

@@ -157,6 +157,18 @@ class DenseConfig:
     def num_groups(self) -> int:
         return self.num_key_value_heads
 
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.extra.get("pad_token_id")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.extra.get("bos_token_id")
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.extra.get("eos_token_id")
+
     def has_indexer(self, layer: int) -> bool:
         return self.indexer is not None and layer not in self.indexer.dense_layers
 
