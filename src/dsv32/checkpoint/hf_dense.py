@@ -124,6 +124,22 @@ def load_dense(path: str | Path, *, dtype: str | torch.dtype | None = None, devi
     return model
 
 
+def load_for_dsa(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+                 topk: int | None = None) -> GQAForCausalLM:
+    """What the DSA verbs (sparsify, eval, generate) load from a dense-family checkpoint: a
+    retrofitted one as saved; a plain dense one with a fresh indexer sized to it
+    (`IndexerSpec.for_model`, started from each layer's attention). `topk` replaces k."""
+    root = Path(path)
+    cfg = read_dense_config(root)
+    spec = None
+    if cfg.indexer is None:
+        spec = IndexerSpec.for_model(cfg, **({} if topk is None else {"topk": topk}))
+    model = load_dense(root, dtype=dtype, device=device, indexer=spec)
+    if topk is not None and topk != model.config.indexer.topk:
+        model.set_indexer_topk(topk)
+    return model
+
+
 def attach_indexer(model: GQAForCausalLM, spec: IndexerSpec) -> GQAForCausalLM:
     """A copy of dense `model` with a fresh indexer on every non-dense layer (same weights otherwise)."""
     if model.config.indexer is not None:

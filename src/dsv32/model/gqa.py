@@ -24,6 +24,7 @@ key slots it selects (kernels `sparse_gqa`). Left out: MTP, MoE, attention dropo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -104,6 +105,21 @@ class GQAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin), v
+
+    @torch.no_grad()
+    def mqa_form(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's attention written as one shared key head, for the DSA losses
+        (training/dsa.py works on that form): keys kv (B, T, G*d) = the G groups' keys side by
+        side, queries q (B, T, H, G*d) = head h's query in its group's block, zeros elsewhere,
+        so q[t, h] . kv[s] = q_h(t) . k_{g(h)}(s), scaled by `self.scale`. Float32, no gradient.
+        Costs G times the score FLOPs of the grouped form: fine for the losses' chunked scoring."""
+        q, k, _ = self.project(x, cos, sin)
+        B, T, H, d = q.shape
+        G, R = self.n_groups, self.n_heads // self.n_groups
+        wide = q.new_zeros(B, T, G, R, G, d, dtype=torch.float32)
+        for g in range(G):
+            wide[:, :, g, :, g] = q.view(B, T, G, R, d)[:, :, g].float()
+        return wide.view(B, T, H, G * d), k.float().reshape(B, T, G * d)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -303,6 +319,16 @@ class GQAForCausalLM(nn.Module):
                              "model's dtype)")
         return GQACache(self.config, batch, max_length, dtype=self.lm_head.weight.dtype,
                         device=self.lm_head.weight.device)
+
+    def set_indexer_topk(self, topk: int) -> None:
+        """Change k (in the config, so it is saved; every indexer reads it at call time)."""
+        if self.config.indexer is None:
+            raise ValueError("the model has no indexer; attach one first (checkpoint.hf_dense.attach_indexer)")
+        spec = replace(self.config.indexer, topk=topk)
+        self.config = self.config.with_indexer(spec)
+        for layer in self.model.layers:
+            if layer.self_attn.indexer is not None:
+                layer.self_attn.indexer.spec = spec
 
     def layer(self, idx: int) -> GQABlock:
         return self.model.layers[idx]

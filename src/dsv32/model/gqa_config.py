@@ -59,6 +59,17 @@ class IndexerSpec:
             raise ValueError(f"indexer rope_dim must be even and <= head_dim={self.head_dim}, got {self.rope_dim}")
         object.__setattr__(self, "dense_layers", tuple(sorted(set(int(i) for i in self.dense_layers))))
 
+    @classmethod
+    def for_model(cls, cfg: "DenseConfig", topk: int = 2048) -> "IndexerSpec":
+        """Default settings sized to `cfg` (V3.2's proportions, smaller for small models): up to
+        16 heads of up to 64 dims, the largest rope_dim <= head_dim/2 that reuses the model's
+        frequencies, q_rank up to 256 (at most hidden_size/2); sliding-window layers stay dense."""
+        head_dim = min(64, max(8, cfg.head_dim))
+        rope = next(r for r in range(head_dim // 2 - head_dim // 2 % 2, 0, -2) if (cfg.head_dim // 2) % (r // 2) == 0)
+        dense = tuple(i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention")
+        return cls(n_heads=min(16, cfg.num_attention_heads), head_dim=head_dim, rope_dim=rope,
+                   q_rank=max(8, min(256, cfg.hidden_size // 2)), topk=topk, dense_layers=dense)
+
     def check_against(self, cfg: "DenseConfig") -> None:
         """Raise ValueError when this indexer cannot sit on `cfg`'s model."""
         bad = [i for i in self.dense_layers if not 0 <= i < cfg.num_hidden_layers]
@@ -168,6 +179,11 @@ class DenseConfig:
     @property
     def eos_token_id(self) -> int | list[int] | None:
         return self.extra.get("eos_token_id")
+
+    @property
+    def index_topk(self) -> int | None:
+        """The indexer's k (the name the DSA verbs read), None without an indexer."""
+        return None if self.indexer is None else self.indexer.topk
 
     def has_indexer(self, layer: int) -> bool:
         return self.indexer is not None and layer not in self.indexer.dense_layers
