@@ -83,6 +83,9 @@ def test_warmup_sparse_eval_generate(qwen3, tmp_path, capsys):
 
     res = generate(ours, [[5, 6, 7] * 8], max_new_tokens=4, temperature=0.0, stop_tokens=[])
     assert res.tokens.shape == (1, 4)
+    assert main(["generate", "--model", str(final), "--prompt", "abc" * 10, "--max-new-tokens", "3",
+                 "--temperature", "0", "--tokenizer", "byte"]) == 0
+    assert capsys.readouterr().out.startswith("abc" * 10)
 
 
 def test_mqa_form_gives_the_grouped_scores():
