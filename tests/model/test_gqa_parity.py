@@ -117,3 +117,24 @@ def test_bad_input_is_one_clear_error(tmp_path):
         DenseConfig.from_hf_config({**cfg, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         DenseConfig.from_hf_config({**cfg, "num_key_value_heads": 3})
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_config_built_in_python_round_trips(family, tmp_path):
+    """A DenseConfig written by hand gets what its family fixes (q/k norm, biases) and reloads the same."""
+    cfg = DenseConfig(model_type=family, vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, qkv_bias=True)
+    model = randomize_(GQAForCausalLM(cfg), seed=1).eval()
+    model.save_pretrained(tmp_path)
+    back = load_dense(tmp_path).eval()
+    assert back.config == cfg and hasattr(back.model.layers[0].self_attn, "q_norm") == (family == "qwen3")
+    ids = torch.randint(0, 31, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=0, rtol=0)
+    hf = getattr(transformers, ARCH[family]).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
+ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+        "mistral": "MistralForCausalLM"}

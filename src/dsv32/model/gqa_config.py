@@ -115,10 +115,10 @@ class DenseConfig:
     rope_scaling: dict[str, Any] | None = None          # None = default RoPE; else rope_type + params
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
+    qkv_bias: bool = False            # llama/qwen3 attention_bias; always on for qwen2, off for mistral
+    o_bias: bool = False              # derived from model_type and qkv_bias
+    mlp_bias: bool = False            # llama only
+    qk_norm: bool = False             # derived: qwen3
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     initializer_range: float = 0.02
@@ -140,6 +140,17 @@ class DenseConfig:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        # What the family fixes (as transformers' classes do): Qwen3's q/k norm, Qwen2's q/k/v bias
+        # without an o bias, Mistral's no bias; llama/qwen3 `attention_bias` covers q, k, v and o.
+        mt = self.model_type
+        object.__setattr__(self, "qk_norm", mt == "qwen3")
+        if mt == "qwen2":
+            object.__setattr__(self, "qkv_bias", True)
+        if mt in ("qwen2", "mistral", "qwen3", "llama"):
+            object.__setattr__(self, "qkv_bias", False if mt == "mistral" else self.qkv_bias)
+            object.__setattr__(self, "o_bias", self.qkv_bias and mt in ("llama", "qwen3"))
+        if mt != "llama":
+            object.__setattr__(self, "mlp_bias", False)
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
