@@ -121,3 +121,12 @@ def test_incompatible_indexer_is_one_clear_error(tmp_path):
     dense_model().save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="indexer incompatible"):
         load_dense(tmp_path, indexer=IndexerSpec(head_dim=16, rope_dim=12))
+
+
+def test_start_fits_any_indexer_width():
+    """Indexer head dims wider than the model's (every model dim rotated) still start from its geometry."""
+    for spec in (IndexerSpec(n_heads=3, head_dim=24, rope_dim=16, q_rank=8, topk=4),
+                 IndexerSpec(n_heads=8, head_dim=4, rope_dim=4, q_rank=64, topk=4)):
+        model = attach_indexer(dense_model(seed=3), spec)
+        ix = model.model.layers[0].self_attn.indexer
+        assert ix.wk.weight.shape == (spec.head_dim, 32) and torch.isfinite(ix.wq_b.weight).all()

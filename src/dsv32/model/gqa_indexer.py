@@ -83,8 +83,10 @@ class GQAIndexer(nn.Module):
         lo = torch.arange(r2) * self.stride
         rotary = torch.cat((lo, lo + half))
         rest = torch.tensor([i for i in range(d) if i not in set(rotary.tolist())], dtype=torch.long)
+        if not len(rest):                      # every model dim is rotated: fill with them again
+            rest = torch.arange(d)
         fill = self.head_dim - self.rope_dim
-        rest = rest.repeat(fill // max(1, len(rest)) + 1)[:fill] if fill else rest[:0]
+        rest = rest.repeat(fill // len(rest) + 1)[:fill]
         return torch.cat((rotary, rest))
 
     @torch.no_grad()
