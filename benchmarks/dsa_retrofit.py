@@ -112,7 +112,7 @@ def copy_of(model: GQAForCausalLM) -> GQAForCausalLM:
 def quality(args: argparse.Namespace) -> None:
     if args.quick:
         args.pretrain_steps, args.warmup_steps, args.sparse_steps = 30, 10, 6
-        args.eval_sequences, args.examples_per_cell, args.lengths = 4, 1, "512,1000"
+        args.eval_sequences, args.examples_per_cell = 4, 1
     T = args.seq_len
     k8, k16 = T // 8, T // 16
     torch.manual_seed(0)
@@ -243,11 +243,11 @@ def main() -> None:
     sub = p.add_subparsers(dest="part", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--out", default="runs/dsa_retrofit")
-    q.add_argument("--seq-len", type=int, default=1024)
+    q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--batch-size", type=int, default=4)
-    q.add_argument("--pretrain-steps", type=int, default=600)
-    q.add_argument("--warmup-steps", type=int, default=100)
-    q.add_argument("--sparse-steps", type=int, default=100)
+    q.add_argument("--pretrain-steps", type=int, default=200)
+    q.add_argument("--warmup-steps", type=int, default=40)
+    q.add_argument("--sparse-steps", type=int, default=20)
     q.add_argument("--lr", type=float, default=3e-3)
     q.add_argument("--warmup-lr", type=float, default=1e-2)
     q.add_argument("--sparse-lr", type=float, default=3e-4)
@@ -255,12 +255,12 @@ def main() -> None:
     q.add_argument("--tasks", default="passkey,multikey_niah")
     q.add_argument("--task-fraction", type=float, default=0.5)
     q.add_argument("--max-bytes", type=int, default=4_000_000)
-    q.add_argument("--eval-sequences", type=int, default=16)
-    q.add_argument("--examples-per-cell", type=int, default=4)
-    q.add_argument("--lengths", default="512,1000")
-    q.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    q.add_argument("--eval-sequences", type=int, default=8)
+    q.add_argument("--examples-per-cell", type=int, default=2)
+    q.add_argument("--lengths", default="450,510", help="multikey_niah needs >= 438")
+    q.add_argument("--depths", default="0,0.5,1")
     q.add_argument("--quick", action="store_true")
-    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("speed")
     s.add_argument("--L", type=int, nargs="*", default=[4096, 16384, 65536])
     s.add_argument("--topk", type=int, default=2048)

@@ -137,9 +137,9 @@ def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu
     """What every verb's --model/--init names: a checkpoint folder, a run folder (its latest
     checkpoint) or a preset name (random weights, seeded); `topk` loads it with another index_topk."""
     from .checkpoint import load_pretrained
+    from .checkpoint.hf_dense import is_dense_checkpoint, load_for_dsa
     from .config import PRESETS, ModelConfig
     from .model import DSV32ForCausalLM
-    from .checkpoint.hf_dense import is_dense_checkpoint, load_for_dsa
     if Path(spec).is_dir() and is_dense_checkpoint(resolve_model_dir(spec)):    # Llama/Qwen/Mistral: DSA retrofit
         return load_for_dsa(resolve_model_dir(spec), dtype=dtype, device=device, topk=topk)
     if Path(spec).is_dir():
