@@ -49,3 +49,26 @@ def test_generate_greedy_matches_full_forward():
 def test_fp8_cache_is_refused():
     with pytest.raises(ValueError, match="fp8_cache is not supported for dense GQA"):
         retrofitted().new_cache(1, 8, fp8=True)
+
+
+def test_sliding_window_decode_equals_full_forward():
+    """Mistral-style sliding window (dense attention, no indexer) through the cache."""
+    from dsv32.model.gqa import GQAForCausalLM
+    from tests.conftest import randomize_
+    from tests.model.test_gqa_indexer import dense_config
+    model = randomize_(GQAForCausalLM(dense_config(model_type="mistral", rope_scaling=None, sliding_window=4,
+                                                   layer_types=("sliding_attention",) * 3)), seed=3).eval()
+    ids = torch.randint(0, 53, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        full = model(ids, mask).logits
+        cache = model.new_cache(2, 12)
+        steps = [model(ids[:, :5], mask[:, :5], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache).logits for t in range(5, 12)]
+        no_window = GQAForCausalLM(model.config.replace(sliding_window=None, layer_types=()))
+        no_window.load_state_dict(model.state_dict())
+        unwindowed = no_window.eval()(ids, mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=1e-5, rtol=1e-5)
+    assert (unwindowed[real] - full[real]).abs().max() > 1e-3            # the window really masks

@@ -32,6 +32,8 @@ FAMILIES = {
     "llama_linear_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
         num_key_value_heads=4, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2_window_layer1": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, use_sliding_window=True,
+                                                                    sliding_window=4, max_window_layers=1)),
     "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=12)),
     "qwen3_tied": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=1, head_dim=8,
                                                            tie_word_embeddings=True)),
