@@ -13,7 +13,7 @@ The docs (README.md and docs/*.md) link only to files inside the repository, anc
 and every `dsv32.…` name written in docs/ imports, so a rename in the code shows up here.
 
 The placeholders of the README are real files here: `CKPT` and `SRC` are a saved `tiny`
-checkpoint, `grpo.json` holds the keys its comment shows, and `configs/` is the repository's.
+checkpoint, `DENSE` a tiny Llama-family one, `grpo.json` holds the keys its comment shows, and `configs/` is the repository's.
 
 Left out on purpose: running `dsv32 demo` (tests/test_demo.py runs it in its quick mode),
 commands under torchrun (their verbs run here single-process), `--resume` lines (they continue
@@ -110,6 +110,11 @@ def workdir(tmp_path, monkeypatch):
     model = dsv32.DSV32ForCausalLM(dsv32.ModelConfig.preset("tiny"))
     model.save_pretrained(tmp_path / "CKPT")
     model.save_pretrained(tmp_path / "SRC")
+    from dsv32.model.gqa import GQAForCausalLM            # DENSE: a tiny Llama-family checkpoint (byte vocabulary)
+    from dsv32.model.gqa_config import DenseConfig
+    GQAForCausalLM(DenseConfig(model_type="llama", vocab_size=259, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                               max_position_embeddings=1024)).save_pretrained(tmp_path / "DENSE")
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     (tmp_path / "grpo.json").write_text(json.dumps({"model": "runs/sft", "out": "runs/grpo", "delta": None}))
     monkeypatch.chdir(tmp_path)

@@ -162,12 +162,18 @@ def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu
     first; `flag` names the flag in errors."""
     from .checkpoint import load_pretrained
     from .checkpoint.hf import parse_dtype
+    from .checkpoint.hf_dense import is_dense_checkpoint, load_for_dsa
     from .config import PRESETS, ModelConfig
     from .model import DSV32ForCausalLM
     try:
         cast = parse_dtype(dtype)
     except ValueError as e:
         raise UserError(f"--dtype: {e}") from None
+    if Path(spec).is_dir() and is_dense_checkpoint(resolve_model_dir(spec)):    # Llama/Qwen/Mistral: DSA retrofit
+        if verify:
+            from .checkpoint.integrity import verify_checksums
+            verify_checksums(resolve_model_dir(spec))
+        return load_for_dsa(resolve_model_dir(spec), dtype=dtype, device=device)
     if Path(spec).is_dir():
         model = load_pretrained(resolve_model_dir(spec), dtype=dtype, device=device, verify=verify)
     elif str(spec) in PRESETS:

@@ -184,7 +184,9 @@ def generate(
         ids = torch.nn.functional.pad(ids, (extra, 0), value=pad)
         mask = torch.nn.functional.pad(mask, (extra, 0), value=False)
     P = ids.shape[1]
-    if cache == "static":
+    if hasattr(model, "new_cache"):          # a model with its own cache layout (dense GQA, model/gqa.py)
+        kv = model.new_cache(B, P + max_new_tokens, kind=cache, fp8=fp8_cache)
+    elif cache == "static":
         kv = StaticLatentCache(cfg, B, P + max_new_tokens, dtype=model.lm_head.weight.dtype, device=device,
                                fp8=fp8_cache)
     elif cache == "growing":

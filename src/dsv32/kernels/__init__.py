@@ -6,6 +6,7 @@ scores the earlier key wins) in `torch_indexer.py`.
     select_topk(q, w, k, topk, q_start, key_valid, window, sink, backend=...)  -> indices
     sparse_mla(q, kv, indices, scale, dv, backend=...)                          -> (out, lse)
     sparse_mla_absorbed(q_n, q_r, kv, indices, w_uk, w_uv, scale, backend=...)  -> out
+    sparse_gqa(q, k, v, indices, scale, backend=...)                            -> (out, lse)
 
 Each has the same backends:
 
@@ -32,6 +33,7 @@ from .absorbed import absorb_attend
 from .reference import (allowed_keys, index_scores, indices_to_mask, masked_attention,
                         select_topk_reference, sparse_mla_reference)
 from .torch_indexer import index_scores_tiled, select_topk_torch
+from .torch_gqa import GQABackend, sparse_gqa_reference, sparse_gqa_torch
 from .torch_sparse import sparse_mla_torch
 
 SparseBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor]]
@@ -46,6 +48,11 @@ _SELECTORS: dict[str, IndexSelector] = {
     "torch": select_topk_torch,
 }
 
+_GQA_BACKENDS: dict[str, GQABackend] = {
+    "reference": sparse_gqa_reference,
+    "torch": sparse_gqa_torch,
+}
+
 
 def register_backend(name: str, fn: SparseBackend) -> None:
     _BACKENDS[name] = fn
@@ -53,6 +60,10 @@ def register_backend(name: str, fn: SparseBackend) -> None:
 
 def register_selector(name: str, fn: IndexSelector) -> None:
     _SELECTORS[name] = fn
+
+
+def register_gqa_backend(name: str, fn: GQABackend) -> None:
+    _GQA_BACKENDS[name] = fn
 
 
 def _triton_usable(table: dict, module: str, device: torch.device) -> bool:
@@ -86,6 +97,11 @@ def resolve_selector(backend: str, device: torch.device) -> str:
     return _resolve(_SELECTORS, "triton_indexer", "top-k selection", backend, device)
 
 
+def resolve_gqa_backend(backend: str, device: torch.device) -> str:
+    """The sparse GQA backend that `backend` means on `device`."""
+    return _resolve(_GQA_BACKENDS, "sparse_gqa_triton", "sparse GQA attention", backend, device)
+
+
 def select_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int, q_start: int = 0,
                 key_valid: torch.Tensor | None = None, window: int = 0, sink: int = 0,
                 backend: str = "auto") -> torch.Tensor:
@@ -108,7 +124,14 @@ def sparse_mla_absorbed(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor, 
     return absorb_attend(attend, q_n, q_r, kv, indices, w_uk, w_uv, scale)
 
 
-__all__ = ["select_topk", "sparse_mla", "sparse_mla_absorbed", "select_topk_reference", "select_topk_torch",
+def sparse_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float,
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse grouped-query attention over the selected slots; shapes in `torch_gqa.py`."""
+    return _GQA_BACKENDS[resolve_gqa_backend(backend, q.device)](q, k, v, indices, scale)
+
+
+__all__ = ["select_topk", "sparse_gqa", "sparse_gqa_reference", "sparse_gqa_torch", "register_gqa_backend",
+           "resolve_gqa_backend", "sparse_mla", "sparse_mla_absorbed", "select_topk_reference", "select_topk_torch",
            "sparse_mla_reference", "sparse_mla_torch", "index_scores", "index_scores_tiled", "allowed_keys",
            "masked_attention", "indices_to_mask", "register_backend", "register_selector", "resolve_backend",
            "resolve_selector"]

@@ -73,7 +73,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict,
                                                      set_state_dict)
 
-from ..checkpoint import load_pretrained, write_checkpoint
+from ..checkpoint import write_checkpoint
 from ..checkpoint.integrity import write_manifest
 from ..checkpoint.hf import writer_temporaries
 from ..checkpoint.keymap import hf_state_items
@@ -317,7 +317,7 @@ class CheckpointFolder:
             config = self.model_dir(path, name) / "config.json"
             if not config.is_file():
                 raise ValueError(f"{path} holds no model {name!r} (no {config.relative_to(path)})")
-            diff = config_differences(ModelConfig.from_hf_config(config), model.config)
+            diff = config_differences(type(model.config).from_hf_config(config), model.config)
             if diff:
                 label = "" if name == MAIN_MODEL else f" of {name!r}"
                 problems.append(f"another model config{label} ({'; '.join(diff)}; checkpoint vs now)")
@@ -332,7 +332,8 @@ class CheckpointFolder:
         else:
             full = StateDictOptions(full_state_dict=True)
             for name, model in models.items():
-                set_model_state_dict(model, load_pretrained(self.model_dir(path, name)).state_dict(), options=full)
+                saved = type(model).from_pretrained(self.model_dir(path, name))   # DSV32 or dense GQA layout
+                set_model_state_dict(model, saved.state_dict(), options=full)
             # Not strict: parameters that never had a gradient (the indexer under an LM or GRPO
             # loss) have no optimizer state, and need none.
             set_optimizer_state_dict(models[opt_name], optimizer, record["optimizer"],

@@ -258,6 +258,9 @@ def _record_topk(model: DSV32ForCausalLM, topk: int) -> None:
     next stage and `eval` default to. No rebuild: every layer reads index_topk from the model's
     one config object at each call (`AttentionOptions(topk=...)` overrides it for one call)."""
     check_int("--topk", topk, 1)
+    if hasattr(model, "set_indexer_topk"):         # a retrofitted dense model (dsv32.model.gqa)
+        model.set_indexer_topk(topk)
+        return
     model.config.replace(index_topk=topk)          # validates the config with the new value
     model.config.index_topk = topk
     assert all(m.config is model.config for m in model.modules() if isinstance(m, Indexer))

@@ -58,7 +58,10 @@ def attention_queries(mla: MLA, x: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The main attention of one layer in absorbed form, float32 and without gradient:
     queries q (B, T, H, C) = [W_uk^T q_n ; q_r] and keys kv (B, T, C) = [c_kv ; k_r], so that
-    score_h(t, s) = q[t, h] . kv[s] * mla.scale. x (B, T, D) is the layer's normed input."""
+    score_h(t, s) = q[t, h] . kv[s] * mla.scale. x (B, T, D) is the layer's normed input.
+    Another attention layout (the dense GQA retrofit, model/gqa.py) states its own `mqa_form`."""
+    if hasattr(mla, "mqa_form"):
+        return mla.mqa_form(x, cos, sin)
     _, q_n, q_r, latent = mla.project(x, cos, sin)
     w_uk, _ = mla.absorbed_weights()
     q_abs = torch.einsum("bthd,hdr->bthr", q_n.float(), w_uk.float())
@@ -275,11 +278,12 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
     out = model(input_ids, attention_mask, attention=attention, records=Records(keep_indexer_inputs=True),
                 logits_to_keep=1)
     kept_all = out.records.indexer_inputs
-    report = SelectionReport(query_valid=kept_all[0].key_valid)       # the main layers' key mask
+    report = SelectionReport(query_valid=next(iter(kept_all.values())).key_valid)   # the main layers' key mask
     for block in model.model.layers:
         i = block.layer_idx
-        report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(_layer_selection, kept_all[i],
-                                                                                       attention)
+        if i in kept_all:                 # a layer kept dense (no indexer) has nothing to report
+            report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(_layer_selection,
+                                                                                          kept_all[i], attention)
     return report
 
 

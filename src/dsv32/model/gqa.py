@@ -1,0 +1,346 @@
+"""A dense grouped-query-attention decoder (the Llama / Qwen2 / Qwen3 / Mistral block), dsv32's own
+implementation, so that DSA can be retrofitted onto checkpoints people already have.
+
+Shape legend: B batch, T queries, S keys (cache + new), H query heads, G kv heads (groups),
+d head dim, D hidden size.
+
+    q = W_q x -> (B, T, H, d)     k = W_k x, v = W_v x -> (B, T, G, d)     (+ bias: Qwen2)
+    q, k = RMSNorm_d(q), RMSNorm_d(k)                                        (Qwen3 only)
+    q, k = RoPE_half(q), RoPE_half(k)       the model's own frequencies (rope.py layout "half")
+    head h reads kv group h // (H / G)
+    block: x + attn(RMSNorm(x)); x + W_down(silu(W_gate x) * W_up x) on RMSNorm(x)
+
+Module names are the Hugging Face ones (`model.layers.{i}.self_attn.q_proj`, ...), so the key
+map is the identity (checkpoint/hf_dense.py). The forward contract is `DSV32ForCausalLM`'s:
+`forward(ids, mask, pos, *, cache, attention, records, ...) -> ModelOutput`, left padding and
+positions counting real tokens included. Sliding-window layers (Mistral, Qwen with
+`use_sliding_window`) mask keys more than `sliding_window - 1` slots back.
+
+With an indexer configured (`DenseConfig.indexer`), each non-dense layer owns a `GQAIndexer`
+(model/gqa_indexer.py) and, under `AttentionOptions(sparse=True)`, attends only to the top-k
+key slots it selects (kernels `sparse_gqa`). Left out: MTP, MoE, attention dropout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .context import AttentionOptions, ForwardContext, IndexerInputs, Records
+from .gqa_config import DenseConfig
+from .gqa_indexer import GQAIndexer
+from .norms import RMSNorm
+from .rope import apply_rope_half
+from .transformer import ModelOutput
+
+
+# ------------------------------------------------------------------------------- RoPE
+def dense_inv_freq(cfg: DenseConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies (d/2,) float32 for RoPE types default, linear and llama3.
+
+    llama3 (Llama 3.1): wavelengths longer than original_max / low_freq_factor are slowed by
+    `factor`, shorter than original_max / high_freq_factor kept, the band between blended
+    linearly in original_max / wavelength."""
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    factor = float(rs["factor"])
+    if rs["rope_type"] == "linear":
+        return inv / factor
+    lo, hi = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old = float(rs["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    blend = ((old / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)      # 0: slow by factor, 1: keep
+    return inv / factor * (1 - blend) + inv * blend
+
+
+class DenseRotary(nn.Module):
+    """(cos, sin), each (B, T, d/2) float32, for integer positions (B, T). Frequencies are
+    computed per device on first use (no buffer: a meta-built model needs no re-init)."""
+
+    def __init__(self, cfg: DenseConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._cache: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.device not in self._cache:
+            self._cache[positions.device] = dense_inv_freq(self.cfg, positions.device)
+        angles = positions.to(torch.float32)[..., None] * self._cache[positions.device]
+        return angles.cos(), angles.sin()
+
+
+# ------------------------------------------------------------------------------- layers
+class GQAttention(nn.Module):
+    def __init__(self, cfg: DenseConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_groups, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
+        D, H, G, d = cfg.hidden_size, self.n_heads, self.n_groups, self.head_dim
+        self.q_proj = nn.Linear(D, H * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, G * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, G * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * d, D, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.indexer = GQAIndexer(cfg) if cfg.has_indexer(layer_idx) else None
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, D) -> q (B, T, H, d), k (B, T, G, d) with RoPE, v (B, T, G, d)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_groups, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_groups, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin), v
+
+    @torch.no_grad()
+    def mqa_form(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's attention written as one shared key head, for the DSA losses
+        (training/dsa.py works on that form): keys kv (B, T, G*d) = the G groups' keys side by
+        side, queries q (B, T, H, G*d) = head h's query in its group's block, zeros elsewhere,
+        so q[t, h] . kv[s] = q_h(t) . k_{g(h)}(s), scaled by `self.scale`. Float32, no gradient.
+        Costs G times the score FLOPs of the grouped form: fine for the losses' chunked scoring."""
+        q, k, _ = self.project(x, cos, sin)
+        B, T, H, d = q.shape
+        G, R = self.n_groups, self.n_heads // self.n_groups
+        wide = q.new_zeros(B, T, G, R, G, d, dtype=torch.float32)
+        for g in range(G):
+            wide[:, :, g, :, g] = q.view(B, T, G, R, d)[:, :, g].float()
+        return wide.view(B, T, H, G * d), k.float().reshape(B, T, G * d)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        opts = ctx.attention
+        q, k, v = self.project(x, ctx.cos, ctx.sin)
+        ix = self.indexer
+        k_index = None
+        if ix is not None and (opts.sparse or ctx.cache is not None):
+            with torch.no_grad():
+                k_index = ix.keys(x.detach(), ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v, k_index = ctx.cache.update(self.layer_idx, k, v, k_index, ctx.q_start)
+        S = k.shape[1]
+        rec = ctx.records
+        if ix is not None and rec.keep_indexer_inputs:
+            # The indexer's query latent is its own (trained) projection of x, so c_q is x itself.
+            rec.indexer_inputs[self.layer_idx] = IndexerInputs(x.detach(), x.detach(), ctx.cos, ctx.sin,
+                                                               ctx.key_valid)
+        topk = None
+        if ix is not None:
+            topk = ix.spec.topk if opts.topk is None else opts.topk
+        select = ix is not None and opts.sparse and not (opts.dense_shortcut and S <= topk)
+        indices = None
+        if ix is not None and opts.sparse and (select or rec.record_indices):
+            with torch.no_grad():
+                q_index, w_index = ix.queries(x.detach(), x.detach(), ctx.cos, ctx.sin)
+            indices = ix.select(q_index, w_index, k_index, ctx.q_start, ctx.key_valid, opts.backend, topk)
+            if rec.record_indices:
+                rec.indices[self.layer_idx] = indices
+        compute = torch.float32 if q.device.type == "cpu" else q.dtype
+        if select:
+            out, _ = kernels.sparse_gqa(q.to(compute), k.to(compute), v.to(compute), indices, self.scale,
+                                        backend=opts.backend)
+        else:
+            out = self._dense(q.to(compute), k.to(compute), v.to(compute), ctx)
+        q_valid = ctx.query_valid(T)
+        if q_valid is not None:
+            out = out * q_valid[:, :, None, None].to(out.dtype)      # padding queries attend to nothing
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim).to(x.dtype))
+
+    def _dense(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        """SDPA with the kv groups broadcast (enable_gqa); q (B, T, H, d), k/v (B, S, G, d)."""
+        T, S = q.shape[1], k.shape[1]
+        mask = None
+        if ctx.key_valid is not None or ctx.q_start or T != S or self.window is not None:
+            q_slots = torch.arange(ctx.q_start, ctx.q_start + T, device=q.device)
+            mask = kernels.allowed_keys(S, q_slots, ctx.key_valid)
+            if self.window is not None:
+                s = torch.arange(S, device=q.device)
+                mask = mask & (s[None, None, :] > q_slots[None, :, None] - self.window)
+            # A query may always see itself, so padding rows stay finite (they are zeroed after).
+            mask = (mask | (torch.arange(S, device=q.device)[None, None, :] == q_slots[None, :, None]))[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, cfg: DenseConfig) -> None:
+        super().__init__()
+        D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(D, F_, bias=b)
+        self.up_proj = nn.Linear(D, F_, bias=b)
+        self.down_proj = nn.Linear(F_, D, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GQABlock(nn.Module):
+    def __init__(self, cfg: DenseConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = GQAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DenseMLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def run_on_attention(self, fn, *args: Any) -> Any:
+        """`fn(self.self_attn, *args)` as a forward of this block (see transformer.Block)."""
+        return fn(self.self_attn, *args)
+
+
+class GQADecoder(nn.Module):
+    def __init__(self, cfg: DenseConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GQABlock(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ------------------------------------------------------------------------------- the model
+class GQAForCausalLM(nn.Module):
+    """A Llama / Qwen2 / Qwen3 / Mistral causal LM, optionally with DSA retrofitted."""
+
+    def __init__(self, cfg: DenseConfig, *, init: bool = True) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = GQADecoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.mtp = nn.ModuleList()                     # no multi-token prediction in these families
+        self.rotary = DenseRotary(cfg)
+        self.attention = AttentionOptions()
+        self.activation_checkpointing = False
+        if init:
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them (again after `to_empty`,
+        which gives each module its own storage)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases; each
+        indexer then gets its own start (GQAIndexer.reset_parameters)."""
+        gen = None if seed is None else torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=gen)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+        for layer in self.model.layers:
+            if layer.self_attn.indexer is not None:
+                layer.self_attn.indexer.reset_parameters(gen, layer.self_attn)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *, cache: Any = None,
+                attention: AttentionOptions | None = None, records: Records | None = None,
+                compute_mtp: bool = False, logits_to_keep: int = 0, return_hidden: bool = False) -> ModelOutput:
+        """Arguments as `DSV32ForCausalLM.forward` (compute_mtp is accepted and does nothing)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        dev = input_ids.device
+        records = records if records is not None else Records()
+        q_start = cache.length if cache is not None else 0
+        new_valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if new_valid is not None and new_valid.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(new_valid.shape)}")
+        past_valid = cache.key_valid if cache is not None else None
+        key_valid = None
+        if new_valid is not None or past_valid is not None:
+            nv = new_valid if new_valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+            pv = past_valid if past_valid is not None else torch.ones(B, q_start, dtype=torch.bool, device=dev)
+            key_valid = torch.cat((pv, nv), dim=1)
+        if position_ids is None:
+            if key_valid is None:
+                position_ids = torch.arange(q_start, q_start + T, device=dev).expand(B, T)
+            else:
+                position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
+        if cache is not None:
+            cache.begin(B, T, new_valid)
+        cos, sin = self.rotary(position_ids)
+        ctx = ForwardContext(cos=cos, sin=sin, key_valid=key_valid, q_start=q_start,
+                             attention=attention or self.attention, cache=cache, records=records)
+        x = self.model.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
+        for layer in self.model.layers:
+            x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False) if recompute else layer(x, ctx)
+        hidden = self.model.norm(x)
+        if cache is not None:
+            cache.commit(T)
+        head_in = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return ModelOutput(logits=self.lm_head(head_in), hidden=hidden if return_hidden else None, records=records)
+
+    def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
+        """ValueError when token ids leave the vocabulary or positions reach max_position_embeddings
+        (synchronises; call where inputs enter)."""
+        cfg = self.config
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got range [{lo}, {hi}]")
+        last = input_ids.shape[-1] - 1 if position_ids is None else int(position_ids.max())
+        if last >= cfg.max_position_embeddings:
+            raise ValueError(f"position {last} is beyond max_position_embeddings={cfg.max_position_embeddings}")
+
+    def new_cache(self, batch: int, max_length: int, *, kind: str = "static", fp8: bool = False):
+        """The K/V (+ indexer key) cache `dsv32.inference.generate` uses for this model; both
+        kinds ("static", "growing") get the preallocated `GQACache`."""
+        from ..inference.gqa_cache import GQACache
+        if kind not in ("static", "growing"):
+            raise ValueError(f"cache must be 'static' or 'growing', got {kind!r}")
+        if fp8:
+            raise ValueError("fp8_cache is not supported for dense GQA models (their cache holds K/V in the "
+                             "model's dtype)")
+        return GQACache(self.config, batch, max_length, dtype=self.lm_head.weight.dtype,
+                        device=self.lm_head.weight.device)
+
+    def set_indexer_topk(self, topk: int) -> None:
+        """Change k (in the config, so it is saved; every indexer reads it at call time)."""
+        if self.config.indexer is None:
+            raise ValueError("the model has no indexer; attach one first (checkpoint.hf_dense.attach_indexer)")
+        spec = replace(self.config.indexer, topk=topk)
+        self.config = self.config.with_indexer(spec)
+        for layer in self.model.layers:
+            if layer.self_attn.indexer is not None:
+                layer.self_attn.indexer.spec = spec
+
+    def layer(self, idx: int) -> GQABlock:
+        return self.model.layers[idx]
+
+    def num_parameters(self, exclude_mtp: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path, **kwargs: Any):
+        from ..checkpoint.hf_dense import save_dense
+        return save_dense(self, path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs: Any) -> "GQAForCausalLM":
+        from ..checkpoint.hf_dense import load_dense
+        return load_dense(path, **kwargs)
