@@ -90,7 +90,10 @@ def test_recorded_logprobs_kept_sets_and_routing_replay(model):
     for out in (free, replayed):
         scaled = out.logits[:, P - 1:-1] / 0.7
         full_lp = torch.log_softmax(scaled, -1).gather(-1, res.tokens[..., None]).squeeze(-1)
-        keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, kept.clamp(min=0), kept >= 0)
+        # -1 padding goes to an extra column V (scattering it onto id 0 would race with a real 0).
+        V = scaled.shape[-1]
+        keep = torch.zeros(*kept.shape[:-1], V + 1, dtype=torch.bool).scatter_(
+            -1, torch.where(kept < 0, V, kept), True)[..., :V]
         trunc_lp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), -1)
         trunc_lp = trunc_lp.gather(-1, res.tokens[..., None]).squeeze(-1)
         m = res.completion_mask

@@ -97,13 +97,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
     return ids, mask
 
 
-def _generators(seed: int | Sequence[int] | None, B: int, device) -> list[torch.Generator] | None:
+def _row_seeds(seed: int | Sequence[int] | None, B: int, device) -> torch.Tensor | None:
+    """One int64 seed per row (Python ints wrapped to 64 bits), or None."""
     if seed is None:
         return None
     seeds = [int(seed) * 1_000_003 + i for i in range(B)] if isinstance(seed, int) else list(seed)
     if len(seeds) != B:
         raise ValueError(f"seed list has {len(seeds)} entries for {B} prompts")
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    wrapped = [(int(s) + 2**63) % 2**64 - 2**63 for s in seeds]
+    return torch.tensor(wrapped, dtype=torch.long, device=device)
 
 
 def _world() -> int:
@@ -142,8 +144,8 @@ def generate(
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt (lists of token ids).
 
-    seed: one int (row i gets its own generator from it, so a prompt's sample does not depend
-    on its batch) or one seed per prompt. stop_tokens: default the config's eos_token_id.
+    seed: one int (row i gets its own random stream from it, so a prompt's sample does not
+    depend on its batch) or one seed per prompt. stop_tokens: default the config's eos_token_id.
     stream(step, tokens (B,), finished (B,)) is called after every step. cache: "static"
     (preallocated) or "growing". prefill_chunk: prefill the prompt this many tokens at a time.
     sync_ranks: every rank of a process group calls this together (an FSDP-sharded model needs
@@ -162,7 +164,7 @@ def generate(
                                              (stop_tokens[0] if stop_tokens else 0))
     device = model.lm_head.weight.device
     B = len(prompts)
-    gens = _generators(seed, B, device)
+    seeds = _row_seeds(seed, B, device)
     ids, mask = left_pad(prompts, pad, device)
     if sync_ranks and _world() > 1:
         longest = torch.tensor([ids.shape[1]])
@@ -198,7 +200,7 @@ def generate(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     kept: list[torch.Tensor | None] = []
     for step in range(max_new_tokens):
-        s = sample_next(logits, params, gens)
+        s = sample_next(logits, params, seeds, step)
         live = ~finished
         tokens[:, step] = torch.where(live, s.tokens, pad)
         logprobs[:, step] = torch.where(live, s.logprob, 0.0)
