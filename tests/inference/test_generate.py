@@ -133,6 +133,22 @@ def test_seeds_make_samples_independent_of_the_batch(model):
     assert torch.equal(a.tokens, c.tokens)
 
 
+
+@pytest.mark.parametrize("cache", ["static", "growing"])
+def test_shared_prompts_prefilled_once_equal_separate_rows(model, cache):
+    """Rows holding the same prompt share one prefill; what each row samples and records is what
+    it gets alone."""
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]]
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, stop_tokens=[], record_routing=True, cache=cache)
+    both = generate(model, prompts, seed=[1, 2, 3, 4, 5], **kw)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], seed=[i + 1], **kw)
+        assert both.tokens[i].tolist() == alone.tokens[0].tolist()
+        torch.testing.assert_close(both.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)
+        for layer, r in alone.routing.items():      # both are left-padded: compare the last columns
+            assert torch.equal(both.routing[layer][i, -r.shape[1]:], r[0])
+
+
 def test_stop_tokens_and_streaming(model):
     first = generate(model, PROMPTS, max_new_tokens=6, temperature=0, stop_tokens=[])
     stop = int(first.tokens[0, 2])                       # row 0 will meet this at step 2

@@ -184,14 +184,28 @@ def generate(
 
     start = time.perf_counter()
     routing: dict[int, list[torch.Tensor]] = {}
+    # A prompt shared by several rows (GRPO's G samples of one prompt) is prefilled once; its
+    # cache rows, last logits and routing are then copied to every row that holds it.
+    first: dict[tuple[int, ...], int] = {}
+    owner = [first.setdefault(tuple(int(t) for t in p), len(first)) for p in prompts]
+    shared = len(first) < B
+    unique = torch.tensor([owner.index(u) for u in range(len(first))], device=device) if shared else None
     chunk = prefill_chunk or P
     logits = None
     for c0 in range(0, P, chunk):
-        out = model(ids[:, c0:c0 + chunk], attention_mask=mask[:, c0:c0 + chunk], cache=kv, attention=attention,
+        part_ids, part_mask = ids[:, c0:c0 + chunk], mask[:, c0:c0 + chunk]
+        if shared:
+            part_ids, part_mask = part_ids[unique], part_mask[unique]
+        out = model(part_ids, attention_mask=part_mask, cache=kv, attention=attention,
                     records=Records(record_routing=record_routing), logits_to_keep=1)
         logits = out.logits[:, -1]
         for layer, r in out.routing.items():
             routing.setdefault(layer, []).append(r)
+    if shared:
+        rows = torch.tensor(owner, device=device)
+        kv.select_rows(rows)
+        logits = logits[rows]
+        routing = {layer: [r[rows] for r in parts] for layer, parts in routing.items()}
 
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
