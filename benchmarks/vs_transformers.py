@@ -17,7 +17,8 @@ The indexer gets no gradient in either (its top-k is not differentiable; dsv32 t
 a separate loss, not timed here).
 
 Generation: greedy, one random prompt of L tokens, `--new-tokens` new tokens. Prefill = time
-to the first token; decode tokens/s over the following ones; peak RSS of the process.
+to the first token; decode tokens/s over the following ones; both in wall and in the process's
+CPU time (a shared machine's load inflates wall time); peak RSS of the process.
 """
 
 from __future__ import annotations
@@ -95,24 +96,25 @@ def train_step(engine: str, folder: Path, T: int, reps: int) -> dict:
 def generate(engine: str, folder: Path, L: int, new: int) -> dict:
     model = load(engine, folder).eval()
     prompt = tokens(L, 2)
-    marks: list[float] = []
-    start = time.perf_counter()
+    marks: list[tuple[float, float]] = []          # (wall, CPU) after each new token's forward
+    start = (time.perf_counter(), time.process_time())
     if engine == "dsv32":
         from dsv32.inference import generate as dsv32_generate
         dsv32_generate(model, prompt.tolist(), max_new_tokens=new, temperature=0.0, stop_tokens=[],
-                       stream=lambda *_: marks.append(time.perf_counter()))
+                       stream=lambda *_: marks.append((time.perf_counter(), time.process_time())))
     else:
         import transformers
 
         class Clock(transformers.LogitsProcessor):     # called once per new token, after its forward
             def __call__(self, input_ids, scores):
-                marks.append(time.perf_counter())
+                marks.append((time.perf_counter(), time.process_time()))
                 return scores
 
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, logits_processor=[Clock()], pad_token_id=0)
-    decode = (len(marks) - 1) / (marks[-1] - marks[0])
-    return {"prefill": marks[0] - start, "decode": decode,
+    n = len(marks) - 1
+    return {"prefill": marks[0][0] - start[0], "decode": n / (marks[-1][0] - marks[0][0]),
+            "prefill_cpu": marks[0][1] - start[1], "decode_cpu": n / (marks[-1][1] - marks[0][1]),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -172,11 +174,15 @@ def main() -> None:
             r = {e: spawn(e, "generate", L, folder, args) for e in engines}
             a, b = r["dsv32"], r["transformers"]
             gib = 2.0 ** 30
-            rows.append([str(L), f"{a['prefill']:.2f} / {b['prefill']:.2f} ({b['prefill'] / a['prefill']:.1f}x)",
-                         f"{a['decode']:.1f} / {b['decode']:.1f} ({a['decode'] / b['decode']:.1f}x)",
-                         f"{a['peak_rss'] / gib:.2f} / {b['peak_rss'] / gib:.2f}"])
+            cells = [str(L)]
+            for key, fmt, faster in (("prefill", ".2f", "lower"), ("prefill_cpu", ".2f", "lower"),
+                                     ("decode", ".1f", "higher"), ("decode_cpu", ".1f", "higher")):
+                gain = b[key] / a[key] if faster == "lower" else a[key] / b[key]
+                cells.append(f"{a[key]:{fmt}} / {b[key]:{fmt}} ({gain:.1f}x)")
+            rows.append(cells + [f"{a['peak_rss'] / gib:.2f} / {b['peak_rss'] / gib:.2f}"])
         tables.append(f"Greedy generation, {args.new_tokens} new tokens (dsv32 / transformers, speed-up):\n\n"
-                      + markdown_table(["L", "prefill s", "decode tokens/s", "peak RSS GiB"], rows))
+                      + markdown_table(["L", "prefill s (wall)", "prefill s (CPU)", "decode tokens/s (wall)",
+                                        "decode tokens/CPU s", "peak RSS GiB"], rows))
     print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at end")
     print("\n\n".join(tables))
 
