@@ -14,9 +14,10 @@ drawn token:
 GRPO's "keep sampling mask" recomputes pi_theta over exactly `kept` (at the same
 temperature), so that pi_theta and pi_old share one action space.
 
-The draw is by inverse CDF, for all rows at once: the logits are sorted once (the same sort
-top-k/top-p truncate with), and row b takes the first kept token whose cumulative probability
-exceeds u_b * (kept mass), u_b ~ U[0, 1). With per-row seeds, u_b comes from a counter-based
+The draw is by inverse CDF, for all rows at once: row b takes the first token whose cumulative
+probability exceeds u_b * (total mass), u_b ~ U[0, 1) -- over the kept tokens in the order of
+the one sort top-k/top-p truncate with, or over the vocabulary in id order when nothing is
+truncated (no sort then). With per-row seeds, u_b comes from a counter-based
 stream: a hash of (seed_b, step) (`row_uniforms`), so a row draws the same tokens whatever
 batch it sits in, with no per-row generator and no per-row loop; without seeds u comes from
 the global generator.
@@ -131,18 +132,18 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tenso
         return Sample(tokens, torch.zeros(B, device=logits.device), full, tokens[:, None].clone())
     scaled = logits / params.temperature
     full_logp = torch.log_softmax(scaled, -1)
-    ranked, order = scaled.sort(dim=-1, descending=True)
-    keep = _keep_sorted(ranked, params) if params.truncates else None
-    logp_sorted = full_logp.gather(-1, order) if keep is None else \
-        torch.log_softmax(ranked.masked_fill(~keep, float("-inf")), -1)
     u = torch.rand(B, dtype=torch.float64, device=logits.device) if seeds is None else \
         row_uniforms(seeds.to(logits.device), step)
+    if not params.truncates:                           # no kept set to find: no sort either
+        tokens = inverse_cdf(full_logp.exp(), u)[:, None]
+        full = full_logp.gather(-1, tokens).squeeze(-1)
+        return Sample(tokens.squeeze(-1), full, full, None)
+    ranked, order = scaled.sort(dim=-1, descending=True)
+    keep = _keep_sorted(ranked, params)
+    logp_sorted = torch.log_softmax(ranked.masked_fill(~keep, float("-inf")), -1)
     pos = inverse_cdf(logp_sorted.exp(), u)[:, None]                   # (B, 1) in sorted order
     tokens = order.gather(-1, pos)
-    kept = None
-    if keep is not None:
-        counts = keep.sum(-1)
-        k_max = int(counts.max())                      # the record's width: a shape, so one sync
-        kept = order[:, :k_max].masked_fill(~keep[:, :k_max], -1)    # kept ids, by probability
+    k_max = int(keep.sum(-1).max())                    # the record's width: a shape, so one sync
+    kept = order[:, :k_max].masked_fill(~keep[:, :k_max], -1)          # kept ids, by probability
     return Sample(tokens.squeeze(-1), logp_sorted.gather(-1, pos).squeeze(-1),
                   full_logp.gather(-1, tokens).squeeze(-1), kept)
