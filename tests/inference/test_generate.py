@@ -90,7 +90,10 @@ def test_recorded_logprobs_kept_sets_and_routing_replay(model):
     for out in (free, replayed):
         scaled = out.logits[:, P - 1:-1] / 0.7
         full_lp = torch.log_softmax(scaled, -1).gather(-1, res.tokens[..., None]).squeeze(-1)
-        keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, kept.clamp(min=0), kept >= 0)
+        # -1 padding goes to an extra column V (scattering it onto id 0 would race with a real 0).
+        V = scaled.shape[-1]
+        keep = torch.zeros(*kept.shape[:-1], V + 1, dtype=torch.bool).scatter_(
+            -1, torch.where(kept < 0, V, kept), True)[..., :V]
         trunc_lp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), -1)
         trunc_lp = trunc_lp.gather(-1, res.tokens[..., None]).squeeze(-1)
         m = res.completion_mask
@@ -128,6 +131,22 @@ def test_seeds_make_samples_independent_of_the_batch(model):
     c = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=[7, 8, 9], stop_tokens=[])
     assert a.tokens[1].tolist() == b.tokens[0].tolist()
     assert torch.equal(a.tokens, c.tokens)
+
+
+
+@pytest.mark.parametrize("cache", ["static", "growing"])
+def test_shared_prompts_prefilled_once_equal_separate_rows(model, cache):
+    """Rows holding the same prompt share one prefill; what each row samples and records is what
+    it gets alone."""
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]]
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, stop_tokens=[], record_routing=True, cache=cache)
+    both = generate(model, prompts, seed=[1, 2, 3, 4, 5], **kw)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], seed=[i + 1], **kw)
+        assert both.tokens[i].tolist() == alone.tokens[0].tolist()
+        torch.testing.assert_close(both.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)
+        for layer, r in alone.routing.items():      # both are left-padded: compare the last columns
+            assert torch.equal(both.routing[layer][i, -r.shape[1]:], r[0])
 
 
 def test_stop_tokens_and_streaming(model):

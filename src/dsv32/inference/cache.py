@@ -103,6 +103,15 @@ class LatentCache:
         self._pending = None
 
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (1-D int64, repeats allowed) of everything cached, in that order:
+        prompts shared by several rows are prefilled once and then copied (`generate`)."""
+        self._store = [None if parts is None else {k: v.index_select(0, index) for k, v in parts.items()}
+                       for parts in self._store]
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, index)
+
+
 class StaticLatentCache(LatentCache):
     """A preallocated cache of (max_batch, max_length) slots per layer, written in place.
     A call may use fewer rows than max_batch; every call must use the same number."""
@@ -170,3 +179,13 @@ class StaticLatentCache(LatentCache):
             self._any_padding = self._any_padding or not bool(self._pending.all())
         self.length += T
         self._pending = None
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        B, L = index.shape[0], self.length
+        if B > self.max_batch:
+            raise ValueError(f"{B} rows exceed the cache's max_batch {self.max_batch}")
+        for store in self._store:
+            for v in store.values():
+                v[:B, :L] = v[index, :L]              # the gather copies before the write
+        self._valid[:B, :L] = self._valid[index, :L]
+        self._rows = B if self._rows is not None else None

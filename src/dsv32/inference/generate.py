@@ -105,13 +105,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
     return ids, mask
 
 
-def _generators(seed: int | Sequence[int] | None, B: int, device) -> list[torch.Generator] | None:
+def _row_seeds(seed: int | Sequence[int] | None, B: int, device) -> torch.Tensor | None:
+    """One int64 seed per row (Python ints wrapped to 64 bits), or None."""
     if seed is None:
         return None
     seeds = [int(seed) * 1_000_003 + i for i in range(B)] if isinstance(seed, int) else list(seed)
     if len(seeds) != B:
         raise ValueError(f"seed list has {len(seeds)} entries for {B} prompts")
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    wrapped = [(int(s) + 2**63) % 2**64 - 2**63 for s in seeds]
+    return torch.tensor(wrapped, dtype=torch.long, device=device)
 
 
 def _world() -> int:
@@ -152,8 +154,8 @@ def generate(
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt (lists of token ids).
 
-    seed: one int (row i gets its own generator from it, so a prompt's sample does not depend
-    on its batch) or one seed per prompt. stop_tokens: default the config's eos_token_id.
+    seed: one int (row i gets its own random stream from it, so a prompt's sample does not
+    depend on its batch) or one seed per prompt. stop_tokens: default the config's eos_token_id.
     stream(step, tokens (B,), finished (B,)) is called after every step. cache: "static"
     (preallocated) or "growing". prefill_chunk: prefill the prompt this many tokens at a time.
     record_indices: record each sparse layer's selected key slots for every generated token
@@ -175,7 +177,7 @@ def generate(
                                              (stop_tokens[0] if stop_tokens else 0))
     device = model.lm_head.weight.device
     B = len(prompts)
-    gens = _generators(seed, B, device)
+    seeds = _row_seeds(seed, B, device)
     ids, mask = left_pad(prompts, pad, device)
     if sync_ranks and _world() > 1:
         longest = torch.tensor([ids.shape[1]])
@@ -203,12 +205,21 @@ def generate(
     topk = cfg.index_topk if opts.topk is None else opts.topk
     selected: list[tuple[int, dict[int, torch.Tensor]]] = []      # (step, {layer: (B, 1, K)})
     prompt_selected: list[tuple[int, dict[int, torch.Tensor]]] = []   # (first slot, {layer: (B, chunk, K)})
+    # A prompt shared by several rows (GRPO's G samples of one prompt) is prefilled once; its
+    # cache rows, last logits, routing and selections are then copied to every row that holds it.
+    first: dict[tuple[int, ...], int] = {}
+    owner = [first.setdefault(tuple(int(t) for t in p), len(first)) for p in prompts]
+    shared = len(first) < B
+    unique = torch.tensor([owner.index(u) for u in range(len(first))], device=device) if shared else None
     chunk = prefill_chunk or P
     logits = None
     for c0 in range(0, P, chunk):
         last = c0 + chunk >= P
         keep = opts.sparse and min(c0 + chunk, P) > topk and (record_prompt_indices or (record_indices and last))
-        out = model(ids[:, c0:c0 + chunk], attention_mask=mask[:, c0:c0 + chunk], cache=kv, attention=attention,
+        part_ids, part_mask = ids[:, c0:c0 + chunk], mask[:, c0:c0 + chunk]
+        if shared:
+            part_ids, part_mask = part_ids[unique], part_mask[unique]
+        out = model(part_ids, attention_mask=part_mask, cache=kv, attention=attention,
                     records=Records(record_routing=record_routing, record_indices=keep), logits_to_keep=1)
         logits = out.logits[:, -1]
         for layer, r in out.routing.items():
@@ -217,6 +228,13 @@ def generate(
             prompt_selected.append((c0, out.indices))
         if keep and record_indices and last:
             selected.append((0, {layer: idx[:, -1:] for layer, idx in out.indices.items()}))
+    if shared:
+        rows = torch.tensor(owner, device=device)
+        kv.select_rows(rows)
+        logits = logits[rows]
+        routing = {layer: [r[rows] for r in parts] for layer, parts in routing.items()}
+        prompt_selected = [(c0, {layer: idx[rows] for layer, idx in parts.items()}) for c0, parts in prompt_selected]
+        selected = [(row, {layer: idx[rows] for layer, idx in parts.items()}) for row, parts in selected]
 
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -225,7 +243,7 @@ def generate(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     kept: list[torch.Tensor | None] = []
     for step in range(max_new_tokens):
-        s = sample_next(logits, params, gens)
+        s = sample_next(logits, params, seeds, step)
         live = ~finished
         tokens[:, step] = torch.where(live, s.tokens, pad)
         logprobs[:, step] = torch.where(live, s.logprob, 0.0)

@@ -247,16 +247,17 @@ def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, roll
             if info.enabled and cfg.aggregation == "token_mean":
                 tokens = mb.completion_mask.sum().float()
                 loss = loss * (tokens * info.world_size / all_reduce_sum(tokens, info).clamp(min=1))
-            record = {k: float(v) for k, v in m.items()}
             if not records:
                 valid = mb.completion_mask
                 gap = (logp.detach() - mb.logp_old).abs()
-                record["mismatch"] = float(torch.where(valid, gap, 0).sum() / valid.sum().clamp(min=1))
+                m["mismatch"] = torch.where(valid, gap, 0).sum() / valid.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            record["grad_norm"] = float(norm)
-            if torch.isfinite(norm):
+            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # One host read for all of this update's numbers; the finiteness test needs it anyway.
+            values = torch.stack([torch.as_tensor(v).detach().double().reshape(()) for v in m.values()]).tolist()
+            record = dict(zip(m, values))
+            if math.isfinite(record["grad_norm"]):
                 optimizer.step()
             else:                # a non-finite gradient would poison AdamW's moments for good
                 skipped += 1

@@ -1,0 +1,133 @@
+"""Sparse training at few heads: the LM forward+backward of the `small` preset (4 heads,
+index_topk 256) under DSA against dense causal attention, and where the sparse attention
+kernel starts to beat dense attention as the head count grows.
+
+    python benchmarks/sparse_train.py                           # T = 2K, 4K, 8K; crossover table
+    python benchmarks/sparse_train.py --lengths 2048 --heads 4 --crossover-lengths 1024 2048 --reps 1
+
+Table 1: one forward + backward of the LM loss alone (no indexer loss), batch 1, per length:
+dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, torch backend), and
+their ratio. Table 2: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
+backward: dense causal SDPA over expanded heads vs the sparse absorbed kernel over k = 256 selected
+latent rows per query (a causal random selection), and which is faster. Times are medians of
+`--reps` in this process's CPU time (the machine is shared; wall time swings with its load), one
+thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grpo_common import markdown_table  # noqa: E402
+
+from dsv32 import AttentionOptions, DSV32ForCausalLM, ModelConfig  # noqa: E402
+from dsv32.kernels import sparse_mla_absorbed  # noqa: E402
+from dsv32.training.losses import lm_loss  # noqa: E402
+
+DENSE, SPARSE = AttentionOptions(sparse=False), AttentionOptions(sparse=True, backend="torch")
+
+
+def cpu_time(fn, reps: int) -> float:
+    fn()                                              # warm-up (allocator, first-call costs)
+    times = []
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return statistics.median(times)
+
+
+def lm_step(model: DSV32ForCausalLM, batch: torch.Tensor, attention: AttentionOptions):
+    def run():
+        model.zero_grad(set_to_none=True)
+        lm_loss(model(batch, attention=attention).logits, batch)[0].backward()
+    return run
+
+
+def lm_table(lengths: list[int], reps: int) -> str:
+    rows = []
+    for T in lengths:
+        cfg = ModelConfig.preset("small", max_position_embeddings=max(T, 256))
+        model = DSV32ForCausalLM(cfg)
+        model.init_weights(seed=0)
+        batch = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
+        dense = cpu_time(lm_step(model, batch, DENSE), reps)
+        sparse = cpu_time(lm_step(model, batch, SPARSE), reps)
+        rows.append([str(T), f"{dense * 1e3:.0f}", f"{sparse * 1e3:.0f}", f"{sparse / dense:.2f}x"])
+        print(f"  T={T}: dense {dense:.3f} s, sparse {sparse:.3f} s", flush=True)
+    return markdown_table(["T", "dense ms", "sparse ms", "sparse / dense"], rows)
+
+
+def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float]:
+    cfg = ModelConfig.preset("small")
+    d_n, d_r, d_v, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, T, d_n + d_r, generator=gen, requires_grad=True)
+    key = torch.randn(1, H, T, d_n + d_r, generator=gen, requires_grad=True)
+    v = torch.randn(1, H, T, d_n + d_r, generator=gen, requires_grad=True)   # padded to the qk dim, as the model does
+
+    def dense():
+        F.scaled_dot_product_attention(q, key, v, is_causal=True).sum().backward()
+
+    q_n = torch.randn(1, T, H, d_n, generator=gen, requires_grad=True)
+    q_r = torch.randn(1, T, H, d_r, generator=gen, requires_grad=True)
+    kv = torch.randn(1, T, r + d_r, generator=gen, requires_grad=True)
+    w_uk = torch.randn(H, d_n, r, generator=gen, requires_grad=True)
+    w_uv = torch.randn(H, d_v, r, generator=gen, requires_grad=True)
+    # Causal random selection: query t keeps min(k, t + 1) of its keys, -1 for the rest.
+    scores = torch.rand(T, T, generator=gen).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -1.0)
+    top = scores.topk(min(k, T), dim=-1)
+    indices = torch.where(top.values < 0, -1, top.indices)[None]
+
+    def sparse():
+        sparse_mla_absorbed(q_n, q_r, kv, indices, w_uk, w_uv, 0.1, backend="torch").sum().backward()
+
+    return cpu_time(dense, reps), cpu_time(sparse, reps)
+
+
+def crossover_table(lengths: list[int], heads: list[int], k: int, reps: int) -> str:
+    rows = []
+    for H in heads:
+        cells = [str(H)]
+        for T in lengths:
+            dense, sparse = attention_times(T, H, k, reps)
+            cells.append(f"{dense * 1e3:.0f} / {sparse * 1e3:.0f} ({dense / sparse:.2f}x)")
+            print(f"  H={H} T={T}: dense {dense:.3f} s, sparse {sparse:.3f} s", flush=True)
+        rows.append(cells)
+    return markdown_table(["H", *(f"T={T}: dense / sparse ms (speed-up)" for T in lengths)], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192])
+    ap.add_argument("--heads", type=int, nargs="*", default=[4, 16, 64])
+    ap.add_argument("--crossover-lengths", type=int, nargs="*", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--k", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
+    tables = []
+    if args.lengths:
+        tables.append("LM forward+backward, `small` preset, batch 1 (CPU ms):\n\n" + lm_table(args.lengths, args.reps))
+    if args.heads and args.crossover_lengths:
+        tables.append(f"Attention alone, forward+backward, k = {args.k} (CPU ms):\n\n"
+                      + crossover_table(args.crossover_lengths, args.heads, args.k, args.reps))
+    print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at end")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
