@@ -253,7 +253,9 @@ def grpo_update(policy: DSV32ForCausalLM, optimizer: torch.optim.Optimizer, roll
                 m["mismatch"] = torch.where(valid, gap, 0).sum() / valid.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # Under FSDP2 the norm is a replicated DTensor: its local value is the global norm.
+            m["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             # One host read for all of this update's numbers; the finiteness test needs it anyway.
             values = torch.stack([torch.as_tensor(v).detach().double().reshape(()) for v in m.values()]).tolist()
             record = dict(zip(m, values))
