@@ -45,7 +45,7 @@ import torch
 from ..model import AttentionOptions, DSV32ForCausalLM, IndexerInputs, Records
 from ..model.attention import MLA
 from ..kernels import allowed_keys, index_scores
-from .objectives import StepResult, language_model_terms
+from .objectives import StepResult, language_model_terms, trained_tokens, unpack_batch
 
 Metrics = dict[str, torch.Tensor]
 _CHUNK_BUDGET_BYTES = 4 * 2**20      # float32 (B, chunk, max(H, H_I), S or K) per chunk of queries;
@@ -268,22 +268,24 @@ def selection_report(model: DSV32ForCausalLM, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None, *,
                      attention: AttentionOptions) -> SelectionReport:
     """Run `model` on input_ids (B, T) with `attention` and, for every layer, the indexer's own
-    top-k selection (`Indexer.select`, as the sparse layer uses it) on that layer's actual
-    input, and the share of the layer's dense attention mass it captures. With dense attention
-    this is what switching selection on would keep; with sparse attention, what it keeps."""
+    top-k selection (`Indexer.select`, as the sparse layer uses it, with `attention.topk`) on
+    that layer's actual input, and the share of the layer's dense attention mass it captures.
+    With dense attention this is what switching selection on would keep; with sparse
+    attention, what it keeps."""
     out = model(input_ids, attention_mask, attention=attention, records=Records(keep_indexer_inputs=True),
                 logits_to_keep=1)
     kept_all = out.records.indexer_inputs
     report = SelectionReport(query_valid=kept_all[0].key_valid)       # the main layers' key mask
     for block in model.model.layers:
         i = block.layer_idx
-        report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(_layer_selection, kept_all[i])
+        report.indices[i], report.mass[i], report.ceiling[i] = block.run_on_attention(
+            _layer_selection, kept_all[i], attention.topk)
     return report
 
 
-def _layer_selection(mla: MLA, kept: IndexerInputs):
+def _layer_selection(mla: MLA, kept: IndexerInputs, topk: int | None):
     q, kv, iq, iw, ik = _indexer_parts(mla, kept)
-    idx = mla.indexer.select(iq, iw, ik, 0, kept.key_valid)
+    idx = mla.indexer.select(iq, iw, ik, 0, kept.key_valid, topk=topk)
     return (idx, *selected_mass(q, kv, mla.scale, idx, kept.key_valid))
 
 
@@ -329,9 +331,10 @@ class IndexerWarmup:
     def trainable(name: str) -> bool:
         return ".indexer." in name
 
-    def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
+    def __call__(self, model: DSV32ForCausalLM, batch) -> StepResult:
+        input_ids, _, mask = unpack_batch(batch)       # every query trains the indexer, labelled or not
         with torch.no_grad():
-            out = model(input_ids, attention=AttentionOptions(sparse=False),
+            out = model(input_ids, mask, attention=AttentionOptions(sparse=False),
                         records=Records(keep_indexer_inputs=True), logits_to_keep=1,
                         compute_mtp=len(model.mtp) > 0)
         total = torch.zeros((), device=input_ids.device)
@@ -370,15 +373,16 @@ class SparseTraining:
     def trainable(name: str) -> bool:
         return True
 
-    def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
+    def __call__(self, model: DSV32ForCausalLM, batch) -> StepResult:
+        input_ids, labels, mask = unpack_batch(batch)
         records = Records(keep_indexer_inputs=True, record_indices=True, balance_alpha=self.balance_alpha)
-        out = model(input_ids, attention=self.attention, records=records,
+        out = model(input_ids, mask, attention=self.attention, records=records,
                     compute_mtp=self.mtp_weight > 0 or len(model.mtp) > 0)
-        loss, metrics = language_model_terms(out, input_ids, self.mtp_weight)
+        loss, metrics = language_model_terms(out, labels, self.mtp_weight, mask)
         kl_total = torch.zeros((), device=input_ids.device)
         for i, block, kept in _indexed_blocks(model, records):
             if i in records.indices:
                 kl_total = kl_total + block.run_on_attention(_sparse_term, kept, records.indices[i])
         metrics["indexer_kl_selected"] = kl_total.detach()
         return StepResult(loss=loss + self.indexer_weight * kl_total, metrics=metrics,
-                          expert_load=out.expert_load, tokens=input_ids.numel())
+                          expert_load=out.expert_load, tokens=trained_tokens(input_ids, labels, metrics["tokens"]))
