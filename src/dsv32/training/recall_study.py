@@ -153,7 +153,7 @@ class RecallStudy:
                 attention = DENSE if k is None else attention_for_k(k)
                 scores = mqar_eval(model, ids, labels, s.num_pairs, attention=attention, selection=k is not None)
                 rows.append({"stage": label, "length": length, "k": k, **scores})
-                self.log(f"  {label:<22} T={length:<5} k={k if k else '-':<5} accuracy {scores['accuracy']:.3f} "
+                self.log(f"  {label:<36} T={length:<5} k={k if k else '-':<5} accuracy {scores['accuracy']:.3f} "
                          f"NLL {scores['answer_nll']:.3f} needle {scores.get('needle_selected', float('nan')):.3f} "
                          f"recall {scores.get('indexer_recall', float('nan')):.3f}")
         return rows
@@ -181,19 +181,19 @@ class RecallStudy:
         seconds = {"dense": time.perf_counter() - start}
         sparse_at = lambda k: AttentionOptions(sparse=True, topk=k)          # noqa: E731
         rows = self.evaluate(model, "dense", None)
-        rows += self.evaluate(model, "control (untrained indexer)", sparse_at)
+        rows += self.evaluate(model, "sparse, untrained indexer (control)", sparse_at)
 
         warm = copy.deepcopy(model)
         start = time.perf_counter()
         warm_hist = self._train(warm, IndexerWarmup(), s.warmup_steps, s.warmup_lr)
         seconds["warmup"] = time.perf_counter() - start
-        rows += self.evaluate(warm, "after warm-up", sparse_at)
+        rows += self.evaluate(warm, "sparse, after warm-up", sparse_at)
 
         sparse = copy.deepcopy(warm)
         start = time.perf_counter()
         sparse_hist = self._train(sparse, SparseTraining(), s.sparse_steps, s.sparse_lr, overrides={".indexer.": s.warmup_lr})
         seconds["sparse"] = time.perf_counter() - start
-        rows += self.evaluate(sparse, "after sparse training", sparse_at)
+        rows += self.evaluate(sparse, "sparse, after sparse training", sparse_at)
 
         self.models = {"dense": model, "warm": warm, "sparse": sparse}
         self.result = {"sizes": asdict(s), "rows": rows, "dense_curve": curve, "dense_steps_run": len(dense_hist),
