@@ -1,6 +1,6 @@
 """Does DSA keep retrieval? A dense model that retrieves (MQAR), its DSA conversion, one table.
 
-    python benchmarks/dsa_retrieval.py --quick               # T=256, 16 pairs: minutes on 2 cores
+    python benchmarks/dsa_retrieval.py --quick               # T=128, 8 pairs: ~20 min on a shared 2-core machine
     python benchmarks/dsa_retrieval.py                       # T=1024, 64 pairs (the issue's target size)
     python benchmarks/dsa_retrieval.py --out runs/dsa_retrieval   # also writes result.json and heatmaps
 
@@ -32,14 +32,14 @@ import torch
 
 from dsv32.training.recall_study import RecallStudy, StudySizes, by_distance, format_table
 
-QUICK = StudySizes(seq_len=256, num_pairs=16, vocab_size=128, dense_steps=600, warmup_steps=40, sparse_steps=40,
-                   eval_examples=32)
+QUICK = StudySizes(seq_len=128, num_pairs=8, vocab_size=64, dense_steps=1500, check_every=50, warmup_steps=60,
+                   sparse_steps=60, eval_examples=32)
 FULL = StudySizes()
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="T=256, 16 pairs, vocabulary 128")
+    p.add_argument("--quick", action="store_true", help="T=128, 8 pairs, vocabulary 64")
     for name, kind in (("seq_len", int), ("num_pairs", int), ("vocab_size", int), ("power_a", float),
                        ("hidden", int), ("layers", int), ("batch_size", int), ("lr", float), ("dense_steps", int),
                        ("target", float), ("warmup_steps", int), ("sparse_steps", int), ("eval_examples", int),
