@@ -62,8 +62,9 @@ def main() -> int:
     print()
     print(format_table(result))
     dense = next(r for r in result["rows"] if r["stage"] == "dense" and r["length"] == sizes.seq_len)
-    sparse8 = next(r for r in result["rows"] if r["stage"] == "sparse, after sparse training" and r["length"] == sizes.seq_len)
-    control8 = next(r for r in result["rows"] if r["stage"].endswith("(control)") and r["length"] == sizes.seq_len)
+    at_t = [r for r in result["rows"] if r["length"] == sizes.seq_len]
+    sparse8 = next(r for r in at_t if r["stage"] == "sparse, after sparse training")
+    control8 = next(r for r in at_t if r["stage"].endswith("(control)"))
     print(f"\ndense accuracy {dense['accuracy']:.3f} (target {sizes.target}) after {result['dense_steps_run']} steps; "
           f"sparse at k=T/8 {sparse8['accuracy']:.3f} ({100 * (sparse8['accuracy'] - dense['accuracy']):+.1f} points; "
           f"target within 2); control {control8['accuracy']:.3f}")

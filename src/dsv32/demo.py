@@ -62,8 +62,8 @@ def _recall_sizes(quick: bool):
     if quick:
         return StudySizes(seq_len=64, num_pairs=4, vocab_size=32, batch_size=4, dense_steps=4, check_every=2,
                           warmup_steps=2, sparse_steps=2, eval_examples=4)
-    return StudySizes(seq_len=128, num_pairs=8, vocab_size=64, dense_steps=600, warmup_steps=40, sparse_steps=40,
-                      eval_examples=32)
+    return StudySizes(seq_len=128, num_pairs=8, vocab_size=64, dense_steps=800, check_every=50, warmup_steps=40,
+                      sparse_steps=40, eval_examples=32)
 
 
 FULL = DemoSizes(seq_len=1024, topk=128, pretrain_steps=400, warmup_steps=60, sparse_steps=60, batch_size=8,

@@ -16,8 +16,8 @@ Data: the corpus (files/folders given by `--corpus`, default this Python's stand
 source) is split by document hash into training and held-out sides; training sequences
 mix corpus text with retrieval examples (`--task-fraction`; `--task-loss answer` trains them
 on their answers only), or come from a JSONL file of (ids, labels) examples (`--data-jsonl`,
-format in `data.JsonlSequences`); the held-out side gives the evaluation LM loss. Bad input (an empty corpus, `--seq-len` beyond the model's
-max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
+format in `data.JsonlSequences`); the held-out side gives the evaluation LM loss. Bad input
+(an empty corpus, `--seq-len` beyond the model's max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
 which cli.py prints in one line with exit code 2, before any checkpoint is touched.
 
 Under torchrun both verbs shard the model with FSDP2 (distributed.py); `eval` runs on one process.

@@ -321,7 +321,8 @@ def read_jsonl_examples(path: str | Path) -> list[tuple[list[int], list[int]]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not JSON ({e.msg})") from None
             if not isinstance(record, dict) or "ids" not in record:
-                raise ValueError(f'{where}: expected an object with "ids" (and optionally "labels"), got {line.strip()[:80]!r}')
+                raise ValueError(f'{where}: expected an object with "ids" (and optionally "labels"), '
+                                 f"got {line.strip()[:80]!r}")
             ids, labels = record["ids"], record.get("labels", record["ids"])
             if set(record) - {"ids", "labels"}:
                 raise ValueError(f"{where}: unknown keys {sorted(set(record) - {'ids', 'labels'})}; "

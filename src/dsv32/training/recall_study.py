@@ -133,8 +133,8 @@ class RecallStudy:
     result: dict[str, Any] = field(default_factory=dict)
 
     def _config(self, steps: int, lr: float, overrides: dict[str, float] | None = None) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=self.sizes.batch_size, lr=lr, warmup_steps=max(1, min(30, steps // 10)),
-                           weight_decay=0.0, log_every=1, seed=self.sizes.seed, progress=self.progress,
+        return TrainConfig(steps=steps, batch_size=self.sizes.batch_size, lr=lr,
+                           warmup_steps=max(1, min(30, steps // 10)), weight_decay=0.0, log_every=1, seed=self.sizes.seed, progress=self.progress,
                            lr_overrides=overrides or {})
 
     def _train(self, model, objective, steps: int, lr: float, stop=None,
@@ -191,7 +191,8 @@ class RecallStudy:
 
         sparse = copy.deepcopy(warm)
         start = time.perf_counter()
-        sparse_hist = self._train(sparse, SparseTraining(), s.sparse_steps, s.sparse_lr, overrides={".indexer.": s.warmup_lr})
+        sparse_hist = self._train(sparse, SparseTraining(), s.sparse_steps, s.sparse_lr,
+                                  overrides={".indexer.": s.warmup_lr})
         seconds["sparse"] = time.perf_counter() - start
         rows += self.evaluate(sparse, "sparse, after sparse training", sparse_at)
 
@@ -211,7 +212,8 @@ class RecallStudy:
         batch = MQARSequences(s.task(), seed=s.seed + 1).next_batch(s.batch_size)
         model.train()
         out = {}
-        for name, attention in (("dense", DENSE), ("sparse", AttentionOptions(sparse=True, topk=s.seq_len // s.fractions[0]))):
+        k = s.seq_len // s.fractions[0]
+        for name, attention in (("dense", DENSE), ("sparse", AttentionOptions(sparse=True, topk=k))):
             objective = LanguageModeling(attention=attention)
 
             def step():
