@@ -225,12 +225,15 @@ class RecallStudy:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The study's rows as a Markdown table (one line per stage, length and k)."""
-    lines = ["| stage | T | k | accuracy | answer NLL | needle selected | recall of dense mass |",
+    """The study's rows as a Markdown table (one line per stage, length and k; needle selected
+    layer by layer: an induction head needs the needle in its last layer, while the first
+    layer attends to the previous token)."""
+    lines = ["| stage | T | k | accuracy | answer NLL | needle selected (per layer) | recall of dense mass |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         k = "dense" if r["k"] is None else f"{r['k']} (T/{r['length'] // r['k']})"
-        needle = f"{r['needle_selected']:.3f}" if "needle_selected" in r else "-"
+        layers = sorted((key for key in r if key.startswith("needle_selected/layer")), key=lambda x: int(x[21:]))
+        needle = " / ".join(f"{r[key]:.3f}" for key in layers) if layers else "-"
         recall = f"{r['indexer_recall']:.3f}" if "indexer_recall" in r else "-"
         lines.append(f"| {r['stage']} | {r['length']} | {k} | {r['accuracy']:.3f} | {r['answer_nll']:.3f} | "
                      f"{needle} | {recall} |")
