@@ -85,6 +85,7 @@ def main() -> int:
             cells = [c for n, (ids, labels) in study.held_out.items()
                      for c in by_distance(model, ids, labels, sizes.num_pairs, attention=attention)]
             plot_retrieval_heatmap(cells, out / f"mqar_{name}.png", title=f"MQAR, {name}",
+                                   value="token_accuracy",
                                    xlabel="needle distance back from the query / length")
         (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}/result.json and heatmaps")

@@ -257,7 +257,8 @@ def _recall(folder: Path, sizes: DemoSizes) -> dict[str, Any]:
                                    ("sparse", study.models["sparse"], AttentionOptions(sparse=True, topk=k))):
         cells = [c for ids, labels in study.held_out.values()
                  for c in by_distance(model.eval(), ids, labels, s.num_pairs, attention=attention)]
-        plot_retrieval_heatmap(cells, folder / f"mqar_{name}.png", title=f"MQAR answer accuracy, {name} (k={k})",
+        plot_retrieval_heatmap(cells, folder / f"mqar_{name}.png", title=f"MQAR, {name} (k={k})",
+                               value="token_accuracy",
                                xlabel="needle distance back from the query / length")
     result["table"] = format_table(result)
     return result
