@@ -27,10 +27,15 @@ def test_demo_quick_writes_a_report_with_real_numbers(tmp_path, capsys):
         numbers = [float(x) for x in re.findall(r"\d+\.\d+", row)]
         assert numbers and all(math.isfinite(x) for x in numbers)
     assert "```" in report                                   # generated samples
+    # The retrieval section: dense, the control and converted sparse, with finite numbers.
+    section = report.split("## Retrieval: does DSA keep it?")[1].split("## GRPO")[0]
+    for stage in ("| dense |", "| sparse, untrained indexer (control) |", "| sparse, after sparse training |"):
+        line = next(row for row in section.splitlines() if row.startswith(stage))
+        assert all(math.isfinite(float(x)) for x in re.findall(r"\d+\.\d+", line))
 
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     again = capsys.readouterr().out
-    assert again.count("done before, reusing") == 8
+    assert again.count("done before, reusing") == 9
 
     assert main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 2
     assert "--fresh" in capsys.readouterr().err

@@ -261,3 +261,35 @@ def test_mix_bad_arguments():
     mixed, _ = _mix(tasks=["variable_tracking"], task_options={"variable_tracking": {"hops": 2}},
                     task_fraction=1.0)
     assert ByteTokenizer().decode(mixed.next_batch(1)[0].tolist()).startswith("Variable assignments")
+
+
+def test_mix_answer_only_labels_train_the_answer_and_the_corpus():
+    tok = ByteTokenizer()
+    mixed, _ = _mix(task_fraction=0.5, task_loss="answer", seed=1)
+    plain, _ = _mix(task_fraction=0.5, seed=1)
+    ids, labels = mixed.next_batch(12)
+    assert torch.equal(ids, plain.next_batch(12))              # same rows; only the labels differ
+    tasks = 0
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        if not tok.decode(row).startswith(HEADERS):
+            assert lab == row                                  # corpus: every token
+            continue
+        tasks += 1
+        eos = row.index(tok.eos_id)
+        trained = [i for i, y in enumerate(lab) if y != -100]
+        answer = re.search(r"\nAnswer: (\d+)$", tok.decode(row[:eos])).group(1)
+        first = eos - len(answer)
+        assert trained == list(range(first, len(row)))         # answer, EOS, then the corpus top-up
+        assert tok.decode(row[first:eos]) == answer
+    assert tasks >= 2
+
+
+def test_mix_length_range_draws_prompt_lengths():
+    tok = ByteTokenizer()
+    mixed, _ = _mix(task_fraction=1.0, tasks=["passkey"], length_range=(300, 600))
+    lengths = {tok.decode(row.tolist()).index("Answer: ") + len("Answer: ") for row in mixed.next_batch(8)}
+    assert len(lengths) > 1 and all(300 <= n <= 600 for n in lengths)
+    with pytest.raises(ValueError, match="length_range must be"):
+        _mix(length_range=(10, 5000))
+    with pytest.raises(ValueError, match="task_loss must be one of"):
+        _mix(task_loss="prompt")

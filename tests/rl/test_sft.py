@@ -14,9 +14,11 @@ from tests.rl.helpers import TOKENIZER, tiny_policy
 
 def test_batch_targets_are_the_answer_and_eos_only():
     examples = [Example("Q: 1+1?\nA: ", "2"), Example("Q: 10+10?\nA: ", "20")]
-    inputs, mask, graded_tokens = sft_batch(TOKENIZER, examples)
+    inputs, labels, mask = sft_batch(TOKENIZER, examples)
+    graded_tokens = labels != -100
     longest = len(encode_prompt(TOKENIZER, examples[1].prompt)) + 2 + 1
-    assert inputs.shape == mask.shape == graded_tokens.shape == (2, longest)
+    assert inputs.shape == mask.shape == labels.shape == (2, longest)
+    assert torch.equal(labels[graded_tokens], inputs[graded_tokens])
     for row, ex in enumerate(examples):
         prompt = encode_prompt(TOKENIZER, ex.prompt)
         seq = prompt + TOKENIZER.encode(ex.answer) + [TOKENIZER.eos_id]

@@ -121,3 +121,22 @@ def test_sparsify_resume_with_another_topk_is_refused(pretrained, corpus, tmp_pa
     capsys.readouterr()
     assert main([*args, "--topk", "4", "--resume"]) == 2
     assert "another model config (index_topk: 8 vs 4" in capsys.readouterr().err
+
+
+def test_pretrain_and_sparsify_on_a_jsonl_dataset(corpus, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"ids": [7, 8, 9, 10] * 8, "labels": [-100] * 28 + [7, 8, 9, 10]}) + "\n"
+                            for _ in range(4)))
+    out = tmp_path / "pre"
+    assert main(["pretrain", "--model", "tiny", "--corpus", str(corpus), "--out", str(out), "--steps", "2",
+                 "--data-jsonl", str(data), *COMMON]) == 0
+    records = _records(out)
+    assert [r["tokens_seen"] for r in records] == [8, 16]           # 2 rows x 4 labelled targets per step
+    assert main(["sparsify", "--stage", "warmup", "--init", str(out), "--out", str(tmp_path / "warm"),
+                 "--steps", "1", "--corpus", str(corpus), "--data-jsonl", str(data), *COMMON]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ids": [1, 2]}\n{"ids": [1, 2], "labels": [1]}\n')
+    capsys.readouterr()
+    assert main(["pretrain", "--model", "tiny", "--corpus", str(corpus), "--out", str(tmp_path / "x"),
+                 "--steps", "1", "--data-jsonl", str(bad), *COMMON]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from dsv32.tokenizer import ByteTokenizer
-from dsv32.training.data import Document, PackedSequences, read_documents, split_documents, stdlib_documents
+from dsv32.training.data import (Document, JsonlSequences, PackedSequences, read_documents, read_jsonl_examples,
+                                 split_documents, stdlib_documents)
 
 TOK = ByteTokenizer()
 
@@ -159,3 +161,41 @@ def test_split_by_document_hash():
     train2, val2 = split_documents(list(reversed(docs))[:200], 0.25)
     assert set(d.text for d in val2) == set(d.text for d in val if d in docs[200:])
     assert split_documents(docs, 0.25, salt="other")[1] != val
+
+
+# ----------------------------------------------------------------------------- JSONL (ids, labels)
+def test_jsonl_examples_become_padded_labelled_batches_and_resume(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"ids": [1, 2, 3], "labels": [-100, 2, 3]}\n\n{"ids": [4, 5]}\n{"ids": [6, 7, 8, 9]}\n')
+    data = JsonlSequences(path, seq_len=5, pad_id=0, shuffle=False)
+    ids, labels = data.next_batch(2)
+    assert ids.tolist() == [[1, 2, 3, 0, 0], [4, 5, 0, 0, 0]]
+    assert labels.tolist() == [[-100, 2, 3, -100, -100], [4, 5, -100, -100, -100]]   # no label: all trained
+    state = json.loads(json.dumps(data.state_dict()))
+    after = data.next_batch(3)
+    again = JsonlSequences(path, seq_len=5, pad_id=0, shuffle=False)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(again.next_batch(3), after))
+    assert after.ids[1].tolist() == [1, 2, 3, 0, 0]                                   # the next epoch
+
+
+@pytest.mark.parametrize("line,message", [
+    ("not json", "not JSON"),
+    ('{"ids": [1, 2], "labels": [2]}', "'labels' has 1 entries but 'ids' has 2"),
+    ('{"ids": [1, -2]}', "'ids' must be a non-empty list of integers >= 0"),
+    ('{"ids": [1, 2], "labels": [-5, 2]}', "-100"),
+    ('{"tokens": [1]}', 'expected an object with "ids"'),
+    ('{"ids": [1], "label": [1]}', "unknown keys"),
+])
+def test_jsonl_bad_line_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"ids": [1, 2]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2") + ".*" + re.escape(message)):
+        read_jsonl_examples(path)
+
+
+def test_jsonl_refuses_an_example_longer_than_seq_len(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"ids": [1, 2, 3, 4]}\n')
+    with pytest.raises(ValueError, match="example 1 has 4 tokens, more than seq_len=3"):
+        JsonlSequences(path, seq_len=3, pad_id=0)

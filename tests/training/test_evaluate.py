@@ -67,3 +67,37 @@ def test_heatmaps_of_either_value(tmp_path):
         assert plot_retrieval_heatmap(rows, tmp_path / f"{value}.png", value=value).stat().st_size > 1000
     with pytest.raises(ValueError, match="value must be one of"):
         plot_retrieval_heatmap(rows, tmp_path / "x.png", value="recall")
+
+
+def test_needle_selected_counts_the_share_of_needles_in_each_querys_top_k():
+    from dsv32.training.evaluate import needle_selected
+    indices = torch.full((1, 6, 2), -1)
+    indices[0, 4] = torch.tensor([1, 3])          # query 4 keeps keys 1 and 3
+    indices[0, 5] = torch.tensor([0, 2])          # query 5 keeps keys 0 and 2
+    swapped = indices.clone()
+    swapped[0, 4], swapped[0, 5] = indices[0, 5], indices[0, 4]
+    report = SimpleNamespace(indices={0: indices, 1: swapped})
+    rows, queries = torch.tensor([0, 0]), torch.tensor([4, 5])
+    needles = torch.tensor([[1, 2], [2, -1]])     # query 4 needs keys 1, 2 (holds one); query 5 needs key 2 (holds it)
+    out = needle_selected(None, None, rows, queries, needles, attention=AttentionOptions(), report=report)
+    assert out["needle_selected/layer0"] == pytest.approx((0.5 + 1.0) / 2)
+    # Layer 1's selections are swapped between the two queries: query 4 holds 0, 2; query 5 holds 1, 3.
+    assert out["needle_selected/layer1"] == pytest.approx((0.5 + 0.0) / 2)
+    assert out["needle_selected"] == pytest.approx((0.75 + 0.25) / 2)
+
+
+def test_mqar_eval_and_text_needles_run_on_a_model():
+    from dsv32.tasks.mqar import MQAR
+    from dsv32.training.evaluate import mqar_eval
+    from tests.training.helpers import byte_model
+    model = byte_model().eval()
+    task = MQAR(vocab_size=64, num_pairs=4, seq_len=48)
+    ids, labels = task.batch(torch.Generator().manual_seed(0), 3)
+    out = mqar_eval(model, ids, labels, 4, attention=AttentionOptions(sparse=True, topk=8), batch_size=2)
+    assert out["answers"] == 12 and 0 <= out["accuracy"] <= 1 and out["answer_nll"] > 0
+    assert {"needle_selected/layer0", "needle_selected/layer1", "indexer_recall"} <= set(out)
+    dense_k = mqar_eval(model, ids, labels, 4, attention=AttentionOptions(sparse=False, topk=48))
+    assert dense_k["needle_selected"] == 1.0                    # every key fits in a top-48 of T=48
+    rows = retrieval_eval(model, TOK, tasks=["passkey"], lengths=[260], depths=[0.5], examples_per_cell=1,
+                          attention=AttentionOptions(sparse=False, topk=300), needles=True)
+    assert rows[0]["needle_selected"] == 1.0 and "needle_selected" in accuracy_summary(rows)

@@ -1,14 +1,14 @@
 """Supervised warm start for RL: teacher-forced cross-entropy on prompt -> answer examples,
 with the loss on the answer tokens (and the closing EOS) only. It runs as an objective of the
 shared `dsv32.training.Trainer`, so it has the trainer's checkpoints, exact resume, metrics log,
-learning-rate schedule (`optim.lr_factor`) and loss (`losses.lm_loss` with a loss mask).
+learning-rate schedule (`optim.lr_factor`) and loss (`losses.lm_loss` over labels).
 
 Shape legend: B examples, L = the longest prompt + answer + EOS.
 
     sequence        encode_prompt(prompt) + encode(answer) + [EOS]   (BOS first when the tokenizer has one)
     input_ids       the sequences, right-padded with the pad id       (B, L)
+    labels          the ids on the answer tokens and the EOS, -100 elsewhere (prompt, padding)   (B, L)
     attention_mask  True on the sequence's tokens                      (B, L)
-    loss_mask       True on the answer tokens and the EOS: the targets that count   (B, L)
 
 The prompt is encoded exactly as GRPO encodes it (`datasets.encode_prompt`), so a model
 trained here is sampled from the same token sequences later. EOS is a target so that the model
@@ -29,8 +29,8 @@ import torch
 
 from ..model import DSV32ForCausalLM
 from ..tokenizer import Tokenizer
-from ..training.losses import lm_loss
-from ..training.objectives import StepResult
+from ..training.losses import IGNORE_INDEX, lm_loss
+from ..training.objectives import StepResult, unpack_batch
 from ..tasks import Example
 from ..distributed import DistInfo
 from ..training.trainer import Trainer, TrainConfig
@@ -74,8 +74,9 @@ class SFTConfig:
 
 
 def sft_batch(tokenizer: Tokenizer, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forcing tensors: input_ids (B, L) int64, attention_mask (B, L) bool, loss_mask
-    (B, L) bool, True on the answer tokens and the EOS."""
+    """Teacher-forcing tensors (ids, labels, attention_mask): input_ids (B, L) int64, labels
+    (B, L) int64 (the answer tokens and the EOS; IGNORE_INDEX elsewhere), attention_mask (B, L)
+    bool."""
     if not examples:
         raise ValueError("no examples for an SFT batch")
     seqs, starts = [], []
@@ -86,12 +87,12 @@ def sft_batch(tokenizer: Tokenizer, examples: Sequence[Example]) -> tuple[torch.
     L = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), L), tokenizer.pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    loss_mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    labels = torch.full((len(seqs), L), IGNORE_INDEX, dtype=torch.long)
     for i, (s, start) in enumerate(zip(seqs, starts)):
         input_ids[i, :len(s)] = torch.tensor(s)
         attention_mask[i, :len(s)] = True
-        loss_mask[i, start:len(s)] = True
-    return input_ids, attention_mask, loss_mask
+        labels[i, start:len(s)] = input_ids[i, start:len(s)]
+    return input_ids, labels, attention_mask
 
 
 class SFTExamples:
@@ -127,9 +128,9 @@ class SupervisedFinetuning:
         return True
 
     def __call__(self, model: DSV32ForCausalLM, batch: tuple[torch.Tensor, ...]) -> StepResult:
-        input_ids, attention_mask, loss_mask = batch
+        input_ids, labels, attention_mask = unpack_batch(batch)
         logits = model(input_ids, attention_mask=attention_mask).logits             # (B, L, V)
-        loss, metrics = lm_loss(logits, input_ids, attention_mask, loss_mask=loss_mask)
+        loss, metrics = lm_loss(logits, labels, attention_mask)
         return StepResult(loss=loss, metrics=metrics, tokens=int(metrics["tokens"]))
 
 

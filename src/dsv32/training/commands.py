@@ -21,9 +21,10 @@ call time.
 
 Data: the corpus (files/folders given by `--corpus`, default this Python's standard library
 source) is split by document hash into training and held-out sides; training sequences
-mix corpus text with retrieval examples (`--task-fraction`), the held-out side gives the
-evaluation LM loss. Bad input (an empty corpus, `--seq-len` beyond the model's
-max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
+mix corpus text with retrieval examples (`--task-fraction`; `--task-loss answer` trains them
+on their answers only), or come from a JSONL file of (ids, labels) examples (`--data-jsonl`,
+format in `data.JsonlSequences`); the held-out side gives the evaluation LM loss. Bad input
+(an empty corpus, `--seq-len` beyond the model's max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
 which cli.py prints in one line with exit code 2, before any checkpoint is touched.
 
 Under torchrun both verbs shard the model with FSDP2 (distributed.py); `eval` runs on one process.
@@ -45,13 +46,13 @@ from ..config import ModelConfig
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..model.indexer import Indexer
 from ..tokenizer import ByteTokenizer
-from .data import PackedSequences, read_documents, split_documents, stdlib_documents
+from .data import JsonlSequences, PackedSequences, read_documents, split_documents, stdlib_documents
 from ..distributed import init_distributed, shard_model
 from .dsa import IndexerWarmup, SparseTraining, selection_report
 from .evaluate import accuracy_summary, check_retrieval_tasks, lm_eval, retrieval_eval
 from .objectives import LanguageModeling
 from ..tasks import MixedSequences, get_task
-from ..tasks.mixing import RETRIEVAL_TASKS
+from ..tasks.mixing import RETRIEVAL_TASKS, TASK_LOSSES
 from .trainer import Trainer, TrainConfig
 from ..validation import check_choice, check_int, check_number, is_int, require
 
@@ -99,6 +100,11 @@ def _train_flags(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: i
     g.add_argument("--task-fraction", type=float, default=0.25,
                    help="share of sequences that are retrieval examples (default 0.25)")
     g.add_argument("--tasks", type=_csv(str), default=list(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
+    g.add_argument("--task-loss", choices=TASK_LOSSES, default="all",
+                   help="train task examples on every token (all) or on their answers only (answer)")
+    g.add_argument("--data-jsonl", default=None, metavar="PATH",
+                   help='train on a JSONL file of {"ids": [...], "labels": [...]} (labels -100 = not trained) '
+                        "instead of the corpus mix")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--eval-sequences", type=int, default=8, help="held-out sequences per evaluation")
@@ -193,7 +199,11 @@ def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_
     train_docs, val_docs = _documents(args)
     tokenizer = ByteTokenizer()
     corpus = PackedSequences(train_docs, tokenizer, args.seq_len, seed=args.seed)
-    data = MixedSequences(corpus, tokenizer, task_fraction=args.task_fraction, tasks=args.tasks, seed=args.seed)
+    if args.data_jsonl:
+        data = JsonlSequences(args.data_jsonl, args.seq_len, pad_id=model.config.pad_token_id or 0, seed=args.seed)
+    else:
+        data = MixedSequences(corpus, tokenizer, task_fraction=args.task_fraction, tasks=args.tasks, seed=args.seed,
+                              task_loss=args.task_loss)
     evaluate = None
     if args.eval_every:
         held_out = _held_out(args, val_docs, args.eval_sequences)
@@ -205,7 +215,8 @@ def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_
 
     run_info = {"data": {"corpus": args.corpus or "stdlib", "max_bytes": args.max_bytes,
                          "val_fraction": args.val_fraction, "seq_len": args.seq_len,
-                         "task_fraction": args.task_fraction, "tasks": args.tasks}, **extra}
+                         "task_fraction": args.task_fraction, "tasks": args.tasks, "task_loss": args.task_loss,
+                         "jsonl": args.data_jsonl}, **extra}
     info = init_distributed(args.device)
     if info.enabled:                      # torchrun: FSDP2 shards, DCP checkpoints, rank 0 reports
         shard_model(model)

@@ -32,6 +32,17 @@ RNG. `state_dict()` also records the settings and a fingerprint of the tokenized
 Train/validation split is by a hash of each document's text, so it does not depend on file
 order, and duplicated documents land on the same side.
 
+Labelled data: `TokenBatch(ids, labels)` is the batch of a data source whose sequences are
+not trained on every token (labels in Hugging Face's convention, -100 = not trained; see
+`losses`). `JsonlSequences` reads a user's dataset in that form, one example per line:
+
+    {"ids": [5, 17, 17, 3], "labels": [-100, -100, 17, 3]}     # "labels" optional: all trained
+
+Each example is one row of a batch, right-padded to `seq_len` with `pad_id` and label -100
+(causal attention never lets a real token see the padding after it, so no attention mask is
+needed; MoE load statistics do count the pads). An example longer than `seq_len`, or a bad
+line, is a ValueError naming the file and line. Order: a shuffle per (seed, epoch), as above.
+
 Deliberately left out: streaming corpora larger than memory (the tokenized corpus is held as
 one int32 tensor per document), sharding across data-parallel ranks, and per-document
 attention masks (sequences attend across EOS separators, as in GPT-style pretraining).
@@ -40,19 +51,20 @@ attention masks (sequences attend across EOS separators, as in GPT-style pretrai
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Collection, Iterator, NamedTuple, Sequence
 
 import torch
 
 from ..tokenizer import Tokenizer
 
 __all__ = ["Document", "DEFAULT_EXTENSIONS", "read_documents", "stdlib_documents", "split_documents",
-           "PackedSequences"]
+           "PackedSequences", "TokenBatch", "read_jsonl_examples", "JsonlSequences"]
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py")
 
@@ -281,3 +293,103 @@ class PackedSequences:
     def __repr__(self) -> str:
         return (f"PackedSequences(documents={len(self._docs)}, tokens/epoch={self.epoch_tokens}, "
                 f"seq_len={self.seq_len}, seed={self.seed}, epoch={self._epoch}, position={self._position})")
+
+
+# ------------------------------------------------------------------------------ labelled data
+class TokenBatch(NamedTuple):
+    """A batch whose labels are not simply its ids: ids (B, T) int64, labels (B, T) int64 with
+    -100 on the positions that are not trained (`losses.IGNORE_INDEX`)."""
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+
+def read_jsonl_examples(path: str | Path) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of every line of a JSONL file of {"ids": [...], "labels": [...]} objects
+    ("labels" optional: the ids, every token trained). Blank lines are skipped. Raises a
+    ValueError naming the file and line of the first bad one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--data-jsonl file {str(path)!r} does not exist")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or "ids" not in record:
+                raise ValueError(f'{where}: expected an object with "ids" (and optionally "labels"), '
+                                 f"got {line.strip()[:80]!r}")
+            ids, labels = record["ids"], record.get("labels", record["ids"])
+            if set(record) - {"ids", "labels"}:
+                raise ValueError(f"{where}: unknown keys {sorted(set(record) - {'ids', 'labels'})}; "
+                                 f'an example has "ids" and optionally "labels"')
+            for name, values, low in (("ids", ids, 0), ("labels", labels, -100)):
+                if not isinstance(values, list) or not values or not all(
+                        isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
+                    raise ValueError(f"{where}: {name!r} must be a non-empty list of integers >= {low}")
+            if len(labels) != len(ids):
+                raise ValueError(f"{where}: 'labels' has {len(labels)} entries but 'ids' has {len(ids)}; "
+                                 f"they must align (label t is the target at position t)")
+            if any(v != -100 and v < 0 for v in labels):
+                raise ValueError(f"{where}: a label is a token id >= 0 or -100 (not trained)")
+            examples.append((ids, labels))
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+class JsonlSequences:
+    """An endless, deterministic, resumable stream of `TokenBatch`es over a JSONL dataset
+    (`read_jsonl_examples`): one example per row, right-padded to `seq_len`."""
+
+    def __init__(self, path: str | Path, seq_len: int, *, pad_id: int, seed: int = 0, shuffle: bool = True) -> None:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+            raise ValueError(f"seq_len must be an integer >= 2 (inputs and shifted targets), got {seq_len!r}")
+        self.examples = read_jsonl_examples(path)
+        for i, (ids, _) in enumerate(self.examples):
+            if len(ids) > seq_len:
+                raise ValueError(f"{path}: example {i + 1} has {len(ids)} tokens, more than seq_len={seq_len}")
+        self.path, self.seq_len, self.pad_id, self.seed, self.shuffle = str(path), seq_len, pad_id, seed, shuffle
+        digest = hashlib.sha256(json.dumps(self.examples).encode()).hexdigest()[:16]
+        self.fingerprint = digest
+        self._epoch, self._position = 0, 0
+        self._cached: tuple[int, list[int]] = (-1, [])
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._cached[0] != epoch:
+            order = list(range(len(self.examples)))
+            if self.shuffle:
+                random.Random(f"dsv32-jsonl/{self.seed}/{epoch}").shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def next_batch(self, batch_size: int) -> TokenBatch:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        ids = torch.full((batch_size, self.seq_len), self.pad_id, dtype=torch.int64)
+        labels = torch.full((batch_size, self.seq_len), -100, dtype=torch.int64)
+        for row in range(batch_size):
+            x, y = self.examples[self._order(self._epoch)[self._position]]
+            ids[row, :len(x)] = torch.tensor(x)
+            labels[row, :len(y)] = torch.tensor(y)
+            self._position += 1
+            if self._position == len(self.examples):
+                self._epoch, self._position = self._epoch + 1, 0
+        return TokenBatch(ids, labels)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle, "fingerprint": self.fingerprint}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "position": self._position, **self._settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in self._settings().items():
+            if state.get(key) != value:
+                raise ValueError(f"state was saved with {key}={state.get(key)!r} but this dataset has "
+                                 f"{key}={value!r}; resume with the same file and settings")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])

@@ -45,7 +45,7 @@ import torch
 from ..model import AttentionOptions, DSV32ForCausalLM, IndexerInputs, Records
 from ..model.attention import MLA
 from ..kernels import allowed_keys, index_scores
-from .objectives import StepResult, language_model_terms
+from .objectives import StepResult, language_model_terms, trained_tokens, unpack_batch
 
 Metrics = dict[str, torch.Tensor]
 _CHUNK_BUDGET_BYTES = 4 * 2**20      # float32 (B, chunk, max(H, H_I), S or K) per chunk of queries;
@@ -335,9 +335,10 @@ class IndexerWarmup:
     def trainable(name: str) -> bool:
         return ".indexer." in name
 
-    def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
+    def __call__(self, model: DSV32ForCausalLM, batch) -> StepResult:
+        input_ids, _, mask = unpack_batch(batch)       # every query trains the indexer, labelled or not
         with torch.no_grad():
-            out = model(input_ids, attention=AttentionOptions(sparse=False),
+            out = model(input_ids, mask, attention=AttentionOptions(sparse=False),
                         records=Records(keep_indexer_inputs=True), logits_to_keep=1,
                         compute_mtp=len(model.mtp) > 0)
         total = torch.zeros((), device=input_ids.device)
@@ -376,15 +377,16 @@ class SparseTraining:
     def trainable(name: str) -> bool:
         return True
 
-    def __call__(self, model: DSV32ForCausalLM, input_ids: torch.Tensor) -> StepResult:
+    def __call__(self, model: DSV32ForCausalLM, batch) -> StepResult:
+        input_ids, labels, mask = unpack_batch(batch)
         records = Records(keep_indexer_inputs=True, record_indices=True, balance_alpha=self.balance_alpha)
-        out = model(input_ids, attention=self.attention, records=records,
+        out = model(input_ids, mask, attention=self.attention, records=records,
                     compute_mtp=self.mtp_weight > 0 or len(model.mtp) > 0)
-        loss, metrics = language_model_terms(out, input_ids, self.mtp_weight)
+        loss, metrics = language_model_terms(out, labels, self.mtp_weight, mask)
         kl_total = torch.zeros((), device=input_ids.device)
         for i, block, kept in _indexed_blocks(model, records):
             if i in records.indices:
                 kl_total = kl_total + block.run_on_attention(_sparse_term, kept, records.indices[i])
         metrics["indexer_kl_selected"] = kl_total.detach()
         return StepResult(loss=loss + self.indexer_weight * kl_total, metrics=metrics,
-                          expert_load=out.expert_load, tokens=input_ids.numel())
+                          expert_load=out.expert_load, tokens=trained_tokens(input_ids, labels, metrics["tokens"]))

@@ -9,6 +9,15 @@ prompt produces the answer and stops: by induction each greedy step sees the sam
 the teacher-forced pass. It is slightly stricter than `score_exact` on a greedy completion,
 which would also forgive whitespace around the answer.
 
+Graded metrics beside exact match: answer-token accuracy and answer NLL (they move before
+exact match does), and "needle selected": for each position that predicts an answer token,
+the share of the answer-bearing key positions (the needle's copy of the answer in the prompt;
+for MQAR the value after the queried key) that the indexer's top-k for that query contains,
+per layer (`needle_selected`; the selection is the indexer's own, as `dsa.selection_report`
+computes it, so with dense attention it says what switching top-k on would keep). MQAR
+(`tasks.mqar`) is scored by `mqar_eval`, with the same metrics and the indexer's recall of the
+dense attention mass.
+
 Left out: sampling-based evaluation (pass@k) and the reasoning tasks (their answers are
 checked by verifiers, not by exact match against one reference).
 """
@@ -25,6 +34,7 @@ import torch.nn.functional as F
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import Tokenizer
 from ..tasks import TASKS, get_task
+from ..tasks.mqar import answer_accuracy, needle_positions
 
 
 @torch.no_grad()
@@ -58,11 +68,13 @@ def check_retrieval_tasks(names: Sequence[str]) -> None:
 def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequence[str],
                    lengths: Sequence[int], depths: Sequence[float], examples_per_cell: int,
                    attention: AttentionOptions, seed: int = 0, add_bos: bool = False, batch_size: int = 4,
-                   task_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+                   task_options: Mapping[str, Mapping[str, Any]] | None = None,
+                   needles: bool = False) -> list[dict[str, Any]]:
     """Exact-match accuracy of every (task, prompt length in tokens, needle depth) cell over
     `examples_per_cell` examples (each drawn from its own seeded RNG, so a cell is the same
     set whatever else is evaluated). Returns one row per cell: task, length, depth, n,
-    accuracy (exact match), correct, token_accuracy and answer_nll (see `_teacher_forced`)."""
+    accuracy (exact match), correct, token_accuracy and answer_nll (see `_teacher_forced`);
+    with `needles`, also needle_selected (overall and per layer) at `attention.topk`."""
     check_retrieval_tasks(tasks)
     if isinstance(examples_per_cell, bool) or not isinstance(examples_per_cell, int) or examples_per_cell < 1:
         raise ValueError(f"examples_per_cell must be an integer >= 1, got {examples_per_cell!r}")
@@ -74,11 +86,12 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
         options = dict((task_options or {}).get(name, {}))
         for length in lengths:
             for depth in depths:
-                seqs, prompt_lens = [], []
+                seqs, prompt_lens, spans = [], [], []
                 for i in range(examples_per_cell):
                     rng = random.Random(f"dsv32-eval/{seed}/{name}/{length}/{depth}/{i}")
                     ex = task.make_example(rng, length, depth, **options)
                     prompt = tokenizer.encode(ex.prompt, add_bos=add_bos)
+                    spans.append(_needle_span(tokenizer, ex, add_bos))
                     ids = prompt + tokenizer.encode(ex.answer, add_eos=True)
                     if len(ids) > limit:
                         raise ValueError(f"a {name} example of length {length} takes {len(ids)} tokens with its "
@@ -86,9 +99,94 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
                     seqs.append(ids)
                     prompt_lens.append(len(prompt))
                 scores = _teacher_forced(model, seqs, prompt_lens, device, attention, batch_size)
+                if needles:
+                    scores.update(_text_needles(model, seqs, prompt_lens, spans, device, attention))
                 rows.append({"task": name, "length": length, "depth": depth, "n": examples_per_cell,
                              "accuracy": scores["correct"] / examples_per_cell, **scores})
     return rows
+
+
+def _needle_span(tokenizer: Tokenizer, example, add_bos: bool) -> tuple[int, int]:
+    """Token positions [start, end) of the answer's copy inside the needle statement."""
+    at = example.prompt.find(example.answer, max(0, example.meta.get("needle_offset", 0)))
+    if at < 0:
+        raise ValueError(f"the answer of a {example.meta.get('task')} example is not in its prompt")
+    start = len(tokenizer.encode(example.prompt[:at], add_bos=add_bos))
+    return start, len(tokenizer.encode(example.prompt[:at + len(example.answer)], add_bos=add_bos))
+
+
+def _text_needles(model, seqs, prompt_lens, spans, device, attention: AttentionOptions) -> dict[str, float]:
+    """needle_selected over the positions predicting the answer tokens (not EOS), one example
+    at a time (lengths differ)."""
+    totals: dict[str, float] = {}
+    for ids, P, (start, end) in zip(seqs, prompt_lens, spans):
+        n_answer = len(ids) - P - 1                                  # answer tokens, without EOS
+        queries = torch.arange(P - 1, P - 1 + n_answer)
+        needle = torch.arange(start, end).expand(n_answer, -1)
+        batch = torch.tensor([ids], device=device)
+        for key, value in needle_selected(model, batch, torch.zeros_like(queries), queries, needle,
+                                          attention=attention).items():
+            totals[key] = totals.get(key, 0.0) + value / len(seqs)
+    return totals
+
+
+@torch.no_grad()
+def needle_selected(model: DSV32ForCausalLM, ids: torch.Tensor, rows: torch.Tensor, queries: torch.Tensor,
+                    needles: torch.Tensor, *, attention: AttentionOptions,
+                    report=None) -> dict[str, float]:
+    """The share of needle positions inside the indexer's top-k, per layer and averaged over
+    layers ("needle_selected", "needle_selected/layer{i}").
+
+    ids (B, T); rows, queries (M,): the sequence and position of each query that predicts an
+    answer token; needles (M, P): the key positions that hold what it must retrieve (-1 =
+    none). Each query counts equally: the share of its needles that its selection holds. The
+    selection is `dsa.selection_report`'s at `attention.topk` (pass `report` to reuse one)."""
+    from .dsa import selection_report
+    if report is None:
+        report = selection_report(model, ids, attention=attention)
+    valid = needles >= 0
+    keep = valid.any(-1)
+    out: dict[str, float] = {}
+    shares = []
+    for layer in sorted(report.indices):
+        chosen = report.indices[layer][rows, queries].to(needles.device)                      # (M, K)
+        hit = (needles[:, :, None] == chosen[:, None, :]).any(-1) & valid                     # (M, P)
+        share = hit.sum(-1).float()[keep] / valid.sum(-1).float()[keep]
+        out[f"needle_selected/layer{layer}"] = float(share.mean()) if keep.any() else float("nan")
+        shares.append(out[f"needle_selected/layer{layer}"])
+    out["needle_selected"] = sum(shares) / len(shares)
+    return out
+
+
+@torch.no_grad()
+def mqar_eval(model: DSV32ForCausalLM, ids: torch.Tensor, labels: torch.Tensor, num_pairs: int, *,
+              attention: AttentionOptions, batch_size: int = 8, selection: bool = True) -> dict[str, float]:
+    """MQAR scores of a fixed batch (`tasks.mqar.MQAR.batch`): answer accuracy (argmax at the
+    answer positions), answer NLL and per-sequence exact match (`tasks.mqar.answer_accuracy`,
+    answer-weighted over mini-batches); with `selection`, also needle_selected per layer (the
+    value's context position in the top-k of its query) and the indexer's recall of the dense
+    attention mass (`dsa.SelectionReport.recall`), both at `attention.topk`."""
+    from .dsa import selection_report
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    answers = 0
+    for i in range(0, ids.shape[0], batch_size):
+        x, y = ids[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        scores = answer_accuracy(model(x, attention=attention).logits, y)
+        n = scores.pop("answers")
+        part = {k: v * n for k, v in scores.items()}
+        if selection:
+            report = selection_report(model, x, attention=attention)
+            need = needle_positions(x, y, num_pairs)
+            rows, pos = (need[:, 1:] >= 0).nonzero(as_tuple=True)               # answer at pos+1, query at pos
+            part.update({k: v * n for k, v in needle_selected(model, x, rows, pos, need[rows, pos + 1][:, None],
+                                                               attention=attention, report=report).items()})
+            topk = attention.topk or model.config.index_topk
+            part.update({k: v * n for k, v in report.recall(topk).items()})
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v
+        answers += n
+    return {**{k: v / answers for k, v in sums.items()}, "answers": answers}
 
 
 def _teacher_forced(model, seqs: list[list[int]], prompt_lens: list[int], device,
@@ -116,8 +214,8 @@ def _teacher_forced(model, seqs: list[list[int]], prompt_lens: list[int], device
 
 
 def accuracy_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Exact-match accuracy, answer token accuracy and answer NLL, overall and per task
-    (cells weighted by their number of examples)."""
+    """Exact-match accuracy, answer token accuracy, answer NLL and (where the rows have it)
+    needle_selected, overall and per task (cells weighted by their number of examples)."""
     out: dict[str, float] = {}
     groups = {name: [r for r in rows if r["task"] == name] for name in sorted({r["task"] for r in rows})}
     for name, sel in [*groups.items(), ("", list(rows))]:
@@ -126,4 +224,6 @@ def accuracy_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         out[f"accuracy{suffix}"] = sum(r["correct"] for r in sel) / n
         out[f"token_accuracy{suffix}"] = sum(r["token_accuracy"] * r["n"] for r in sel) / n
         out[f"answer_nll{suffix}"] = sum(r["answer_nll"] * r["n"] for r in sel) / n
+        if sel and all("needle_selected" in r for r in sel):
+            out[f"needle_selected{suffix}"] = sum(r["needle_selected"] * r["n"] for r in sel) / n
     return out

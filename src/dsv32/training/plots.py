@@ -36,7 +36,7 @@ _HEATMAP_VALUES = {"accuracy": "exact-match accuracy", "token_accuracy": "answer
 
 
 def plot_retrieval_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "",
-                           value: str = "accuracy") -> Path:
+                           value: str = "accuracy", xlabel: str = "needle depth") -> Path:
     """Rows as returned by `retrieval_eval` -> a PNG of heatmaps at `path` of `value`:
     "accuracy" (exact match) or "token_accuracy" (teacher-forced answer tokens)."""
     if not rows:
@@ -66,7 +66,7 @@ def plot_retrieval_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, 
                         color="white" if acc[i, j] < 0.6 else "black")
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_xlabel("needle depth")
+        ax.set_xlabel(xlabel)
         ax.set_title(panel)
     axes[0].set_ylabel("prompt length (tokens)")
     fig.colorbar(image, ax=list(axes), label=_HEATMAP_VALUES[value], shrink=0.9)

@@ -1,0 +1,184 @@
+"""Multi-query associative recall (MQAR), the synthetic recall task of Zoology (Arora et al.,
+2023, "Zoology: Measuring and Improving Recall in Efficient Language Models"), written for
+this library: sequences of integer token ids, labels in Hugging Face's convention.
+
+    task = MQAR(vocab_size=256, num_pairs=64, seq_len=1024)
+    batch = task.batch(torch.Generator().manual_seed(0), 32)    # TokenBatch (ids, labels)
+    data = MQARSequences(task, seed=0)                          # a resumable trainer data source
+
+One sequence of length T with N pairs (the construction of Zoology's generator):
+
+    position  0   1   2   3  ...  2N-2 2N-1 | 2N ...                                  T-1
+    token     k1  v1  k2  v2 ...  kN   vN   | filler, and each key once more as a query q
+                                            |   at an even offset 2N + 2g, followed by its value
+
+* keys are N distinct ids from [1, V/2), values N distinct ids from [V/2, V) (`V = vocab_size`;
+  with `distinct_values=False` values may repeat, as two keys may share a value in real data);
+* the query region has S = (T - 2N) // 2 slots; each key is queried once, at the slot g drawn
+  without replacement with probability p(g) proportional to (g + 1)^(power_a - 1): Zoology's
+  power law (power_a = 0.01 puts most queries close to the pairs, 1.0 spreads them uniformly);
+* the position after a query holds the key's value, and only those positions carry a label:
+  the model, reading the query, must predict the value it saw after that key in the context;
+* every other query-region position is filler: 0 (`random_fill=False`, Zoology's default) or a
+  random id from [1, V/2) that is not one of this sequence's keys, so no key ever repeats
+  except as its query (Zoology's random filler draws from the whole vocabulary, so a filler
+  may equal a key). Zoology's inputs leave the position after a query as filler and put the
+  value only in the labels; here the value is in the ids too, so a sequence is one plain
+  text that teacher forcing reads left to right (no prediction sees its own target).
+
+Accuracy = argmax of the logits at each query position equals the value (`answer_accuracy`);
+`meta` records, per answer, the context position of the value it must copy (the "needle" that
+sparse attention has to keep: `evaluate.needle_selected`).
+
+Left out: Zoology's multi-pass contexts and mixtures of several (T, N) settings in one batch
+(mix data sources instead).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..training.data import TokenBatch
+from ..training.losses import IGNORE_INDEX
+from ..validation import check_int
+
+__all__ = ["MQAR", "MQARSequences", "answer_accuracy"]
+
+
+@dataclass(frozen=True)
+class MQAR:
+    vocab_size: int = 256        # ids 0 .. V-1 (0 = filler); the model's vocabulary must hold them
+    num_pairs: int = 64          # N key-value pairs, each queried once
+    seq_len: int = 1024          # T
+    power_a: float = 0.01        # query-slot distribution, p(g) ~ (g + 1)^(power_a - 1)
+    random_fill: bool = True     # filler: random unused keys (True) or 0
+    distinct_values: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("num_pairs", self.num_pairs, 1)
+        check_int("vocab_size", self.vocab_size, 4)
+        check_int("seq_len", self.seq_len, 2)
+        keys = self.vocab_size // 2 - 1
+        if self.num_pairs > keys or (self.distinct_values and self.num_pairs > self.vocab_size - self.vocab_size // 2):
+            raise ValueError(f"num_pairs={self.num_pairs} needs as many distinct keys in [1, vocab_size/2): "
+                             f"vocab_size must be >= {2 * self.num_pairs + 2}, got {self.vocab_size}")
+        if self.random_fill and self.num_pairs == keys:
+            raise ValueError(f"random_fill draws filler from the unused keys; num_pairs={self.num_pairs} uses all "
+                             f"{keys} keys of vocab_size={self.vocab_size}: raise vocab_size or set random_fill=False")
+        if self.seq_len < 4 * self.num_pairs:
+            raise ValueError(f"seq_len must be >= 4 * num_pairs = {4 * self.num_pairs} (the pairs, then a query "
+                             f"and its answer per pair), got {self.seq_len}")
+        if isinstance(self.power_a, bool) or not isinstance(self.power_a, (int, float)) or not self.power_a > 0:
+            raise ValueError(f"power_a must be a number > 0, got {self.power_a!r}")
+
+    @property
+    def slots(self) -> int:
+        return (self.seq_len - 2 * self.num_pairs) // 2
+
+    def slot_weights(self) -> torch.Tensor:
+        """(S,) float64: p(g) of a query at slot g, Zoology's power law, normalised."""
+        g = torch.arange(1, self.slots + 1, dtype=torch.float64)
+        p = g ** (self.power_a - 1)
+        return p / p.sum()
+
+    def batch(self, generator: torch.Generator, batch_size: int) -> TokenBatch:
+        """`batch_size` sequences: ids (B, T) int64 and labels (B, T), IGNORE_INDEX except at the
+        answers."""
+        check_int("batch_size", batch_size, 1)
+        B, N, T, half = batch_size, self.num_pairs, self.seq_len, self.vocab_size // 2
+        keys = torch.rand(B, half - 1, generator=generator).argsort(-1) + 1            # a permutation of keys
+        pair_keys = keys[:, :N]
+        if self.distinct_values:
+            values = torch.rand(B, self.vocab_size - half, generator=generator).argsort(-1)[:, :N] + half
+        else:
+            values = torch.randint(half, self.vocab_size, (B, N), generator=generator)
+        if self.random_fill:
+            unused = keys[:, N:]
+            pick = torch.randint(0, unused.shape[1], (B, T), generator=generator)
+            ids = unused.gather(1, pick)
+        else:
+            ids = torch.zeros(B, T, dtype=torch.int64)
+        ids[:, 0:2 * N:2], ids[:, 1:2 * N:2] = pair_keys, values
+        slot = torch.multinomial(self.slot_weights().expand(B, -1).float(), N, replacement=False, generator=generator)
+        query = 2 * N + 2 * slot                                                          # (B, N) positions
+        ids.scatter_(1, query, pair_keys)
+        ids.scatter_(1, query + 1, values)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels.scatter_(1, query + 1, values)
+        return TokenBatch(ids, labels)
+
+    def settings(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "num_pairs": self.num_pairs, "seq_len": self.seq_len,
+                "power_a": self.power_a, "random_fill": self.random_fill, "distinct_values": self.distinct_values}
+
+
+def needle_positions(ids: torch.Tensor, labels: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """For every position, the context position of the value it must copy: (B, T) int64, -1
+    where the label is ignored. The value at answer position t is the one that followed the
+    key ids[t - 1] in the context (positions 0 .. 2N-1)."""
+    B, T = ids.shape
+    context_keys = ids[:, 0:2 * num_pairs:2]                                      # (B, N)
+    query_keys = torch.cat((ids[:, :1], ids[:, :-1]), dim=1)                      # token before each position
+    match = query_keys[:, :, None] == context_keys[:, None, :]                    # (B, T, N)
+    pair = match.float().argmax(-1)
+    found = match.any(-1) & (labels != IGNORE_INDEX)
+    return torch.where(found, 2 * pair + 1, torch.full_like(pair, -1))
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Over the labelled positions: accuracy of argmax (the logits at t - 1 predict label t),
+    mean answer NLL, and the share of sequences with every answer right ("exact_match").
+    logits (B, T, V), labels (B, T)."""
+    target = labels[:, 1:]
+    counted = target != IGNORE_INDEX
+    pred = logits[:, :-1].float()
+    right = (pred.argmax(-1) == target) & counted
+    logp = torch.log_softmax(pred, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    n = int(counted.sum())
+    if n == 0:
+        raise ValueError("no labelled positions to score")
+    rows = counted.any(1)
+    exact = ((right | ~counted).all(1) & rows).sum() / rows.sum()
+    return {"accuracy": float(right.sum()) / n, "answer_nll": float(-(logp * counted).sum()) / n,
+            "exact_match": float(exact), "answers": n}
+
+
+class MQARSequences:
+    """The trainer's data source: `next_batch(n)` is the next n sequences of `task`, each batch
+    from a generator seeded by (seed, batch index), so the state is the index. `lengths`, if
+    given, is a curriculum: batch i uses seq_len lengths[i % len(lengths)] (same pairs), so
+    one run covers every evaluation length."""
+
+    def __init__(self, task: MQAR, seed: int = 0, *, lengths: tuple[int, ...] | None = None) -> None:
+        check_int("seed", seed, 0)
+        self.task, self.seed = task, seed
+        self.variants = [task] if not lengths else [MQAR(**{**task.settings(), "seq_len": n}) for n in lengths]
+        self.seq_len = max(t.seq_len for t in self.variants)
+        self._index = 0
+
+    def next_batch(self, batch_size: int) -> TokenBatch:
+        task = self.variants[self._index % len(self.variants)]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._index)
+        self._index += 1
+        return task.batch(g, batch_size)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "lengths": [t.seq_len for t in self.variants], **self.task.settings()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self._index, **self._settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in self._settings().items():
+            if state.get(key) != value:
+                raise ValueError(f"state was saved with {key}={state.get(key)!r} but this task has {key}={value!r}")
+        self._index = int(state["index"])
+
+
+def chance_accuracy(task: MQAR) -> float:
+    """Accuracy of guessing a value uniformly: the floor a model that has not learned sits at."""
+    return 1.0 / math.ceil(task.vocab_size - task.vocab_size // 2)
