@@ -195,7 +195,9 @@ def load_model_tokenizer(spec: str | Path, name: str | None, vocab_size: int, *,
     with an id the model has no embedding row for (max id >= vocab_size) is a UserError
     naming both."""
     from .tokenizer import tokenizer_for_model, tokenizer_name
-    folder = resolve_model_dir(spec) if Path(spec).is_dir() else Path(spec)
+    folder = Path(spec)
+    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
+        folder = resolve_model_dir(folder)            # a run folder: its latest checkpoint
     tokenizer = tokenizer_for_model(folder, name)
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"tokenizer {tokenizer_name(tokenizer)} has ids up to {tokenizer.vocab_size - 1} but "

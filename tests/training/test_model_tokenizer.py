@@ -7,6 +7,7 @@ with ids beyond the model's vocabulary is one error naming both."""
 from __future__ import annotations
 
 import filecmp
+import json
 import random
 from pathlib import Path
 
@@ -163,3 +164,21 @@ def test_retrieval_examples_are_sized_in_the_tokenizer_tokens(qwen3):
         prompt = int((labels == -100).sum())                   # the prompt is the untrained prefix
         assert 512 - 1 - 32 - 10 <= prompt <= 512 - 1 - 32     # fills the row but for EOS and answer room
         assert int(ids.max()) < tok.vocab_size
+
+
+def test_pretrain_takes_the_tokenizer_beside_its_config(tmp_path):
+    """`pretrain --model folder/model.json` reads text with folder/tokenizer.json and its
+    checkpoints carry it; `--tokenizer byte` overrides it (and then none is copied)."""
+    from dsv32.config import ModelConfig
+    folder = tmp_path / "cfg"
+    _train_bpe(folder, 259)                                    # the tiny preset's vocabulary size
+    (folder / "model.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf_config()))
+    corpus = write_corpus(tmp_path / "corpus")
+    common = ["--steps", "1", "--corpus", str(corpus), "--seq-len", "256", "--tasks", "passkey", "--batch-size", "1",
+              "--val-fraction", "0.2", "--no-progress"]
+    assert main(["pretrain", "--model", str(folder / "model.json"), "--out", str(tmp_path / "a"), *common]) == 0
+    assert filecmp.cmp(tmp_path / "a/checkpoints/checkpoint-00000001/tokenizer.json", folder / "tokenizer.json",
+                       shallow=False)
+    assert main(["pretrain", "--model", str(folder / "model.json"), "--out", str(tmp_path / "b"),
+                 "--tokenizer", "byte", *common]) == 0
+    assert not (tmp_path / "b/checkpoints/checkpoint-00000001/tokenizer.json").exists()

@@ -134,7 +134,8 @@ class MixedSequences:
         ids = prompt + self.tokenizer.encode(example.answer, add_eos=True)
         if len(ids) > self.seq_len:
             raise ValueError(f"a {name} example with a {length}-token prompt became {len(ids)} tokens, more "
-                             f"than seq_len={self.seq_len}: its answer takes more than the {_ANSWER_ROOM} tokens left for it")
+                             f"than seq_len={self.seq_len}: its answer takes more than the {_ANSWER_ROOM} tokens "
+                             f"left for it")
         rest = self.corpus.take(self.seq_len - len(ids))
         ids_t = torch.cat([torch.tensor(ids, dtype=torch.int64), rest])
         labels = ids_t.clone()

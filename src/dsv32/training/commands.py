@@ -315,7 +315,7 @@ class EvalConfig:
         "help": "keys per query of the sparse rows, one row each, e.g. 64,128,256; at most the longest sequence "
                 "evaluated (none = the model's index_topk)"})
     tasks: tuple[str, ...] = field(default=RETRIEVAL_TASKS, metadata={"help": "retrieval tasks"})
-    lengths: tuple[int, ...] = field(default=(512, 1024, 2048), metadata={"help": "retrieval prompt lengths in tokens of the tokenizer"})
+    lengths: tuple[int, ...] = field(default=(512, 1024, 2048), metadata={"help": "retrieval prompt lengths in tokens"})
     depths: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75, 1.0),
                                       metadata={"help": "needle depths in [0, 1] (0 = first, 1 = last)"})
     examples_per_cell: int = field(default=4, metadata={"help": "retrieval examples per (task, length, depth)"})

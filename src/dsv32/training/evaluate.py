@@ -74,7 +74,8 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
     """Exact-match accuracy of every (task, prompt length in tokens, needle depth) cell over
     `examples_per_cell` examples (each drawn from its own seeded RNG, so a cell is the same
     set whatever else is evaluated). Lengths are in `tokenizer`'s tokens, BOS not counted: with
-    the byte tokenizer exact, with a subword one at most that many (`tasks.retrieval.fit_to_tokens`). Returns one row per cell: task, length, depth, n,
+    the byte tokenizer exact, with a subword one at most that many (`tasks.retrieval.fit_to_tokens`).
+    Returns one row per cell: task, length, depth, n,
     accuracy (exact match), correct, token_accuracy and answer_nll (see `_teacher_forced`);
     with `needles`, also needle_selected (overall and per layer) at `attention.topk`."""
     check_retrieval_tasks(tasks)
