@@ -188,6 +188,24 @@ def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu
     return model
 
 
+def load_model_tokenizer(spec: str | Path, name: str | None, vocab_size: int, *, flag: str = "--model"):
+    """The tokenizer a verb reads text for the model `spec` with: `name` ('byte', a tokenizer.json
+    or a folder holding one) when given, else the tokenizer.json of the checkpoint `spec`
+    resolves to (a run folder: its latest checkpoint), else the byte tokenizer. A tokenizer
+    with an id the model has no embedding row for (max id >= vocab_size) is a UserError
+    naming both."""
+    from .tokenizer import tokenizer_for_model, tokenizer_name
+    folder = Path(spec)
+    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
+        folder = resolve_model_dir(folder)            # a run folder: its latest checkpoint
+    tokenizer = tokenizer_for_model(folder, name)
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"tokenizer {tokenizer_name(tokenizer)} has ids up to {tokenizer.vocab_size - 1} but "
+                        f"{flag} {spec} has vocab_size {vocab_size}; pass --tokenizer with the model's own "
+                        f"tokenizer")
+    return tokenizer
+
+
 # ------------------------------------------------------------------------------- config flags
 def _number_or_none(kind: type) -> Callable[[str], float | int | None]:
     def parse(text: str):
@@ -268,11 +286,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .inference import generate
-    from .tokenizer import tokenizer_for_model
     model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed, verify=args.verify).eval()
-    tok = tokenizer_for_model(args.model, args.tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {model.config.vocab_size}")
+    tok = load_model_tokenizer(args.model, args.tokenizer, model.config.vocab_size)
     prompts = args.prompt or [sys.stdin.read()]
     ids = [tok.encode(p, add_bos=args.bos and tok.bos_id is not None) for p in prompts]
     single = len(ids) == 1

@@ -24,7 +24,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_for_model"]
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_for_model", "tokenizer_files",
+           "tokenizer_name"]
 
 
 @runtime_checkable
@@ -151,6 +152,8 @@ class HFTokenizer:
         self._eos = eos
         pad = self._resolve("pad_token", pad_token, config, _PAD_CANDIDATES)
         self._pad = eos if pad is None else pad
+        # One past the largest id (ids of added tokens need not follow the base vocabulary).
+        self._size = 1 + max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def _resolve(self, name: str, explicit: str | None, config: dict[str, Any],
                  candidates: Sequence[str]) -> int | None:
@@ -172,7 +175,7 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._size
 
     @property
     def bos_id(self) -> int | None:
@@ -266,3 +269,18 @@ def tokenizer_for_model(model: str | Path, name: str | Path | None = None) -> To
         folder = Path(model)
         name = str(folder) if (folder / "tokenizer.json").is_file() else "byte"
     return load_tokenizer(name)
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> list[Path]:
+    """The files that make `tokenizer` (none for the byte tokenizer): its tokenizer.json and the
+    tokenizer_config.json beside it, if any. Copied into a checkpoint folder, they make the
+    checkpoint load with the same tokenizer (`tokenizer_for_model`)."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return []
+    config = tokenizer.path.parent / "tokenizer_config.json"
+    return [tokenizer.path] + ([config] if config.is_file() else [])
+
+
+def tokenizer_name(tokenizer: Tokenizer) -> str:
+    """'byte', or the path of the tokenizer.json (what run settings and errors name)."""
+    return str(tokenizer.path) if isinstance(tokenizer, HFTokenizer) else "byte"

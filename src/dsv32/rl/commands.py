@@ -98,14 +98,9 @@ def _run_info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
-    from ..cli import UserError, load_model
-    from ..tokenizer import tokenizer_for_model
+    from ..cli import load_model, load_model_tokenizer
     model = load_model(args.model, seed=args.seed)
-    tokenizer = tokenizer_for_model(args.model, args.tokenizer)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
-                        f"{model.config.vocab_size}")
-    return model, tokenizer
+    return model, load_model_tokenizer(args.model, args.tokenizer, model.config.vocab_size)
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@
 
 Each sequence is, with probability `task_fraction`, one retrieval example — `prompt + answer`
 as a single text, `[BOS] text EOS`, at a random needle depth — sized to fill the sequence
-but for a few bytes, which are topped up with the next corpus tokens; otherwise it is the
+but for a few tokens, which are topped up with the next corpus tokens; otherwise it is the
 next corpus sequence. No token is padding, and the corpus stream is consumed in order, so its
 exactly-once-per-epoch coverage is kept.
 
@@ -17,16 +17,16 @@ task example on its answer and EOS only (batches are `TokenBatch(ids, labels)` w
 the prompt: the answers are a few bytes of a long sequence and otherwise drown in the
 prompt's filler), while corpus text, including the corpus tokens that top up a task row,
 keeps its all-token loss. `length_range` draws each example's prompt length uniformly from
-(low, high) bytes instead of filling the sequence, so training covers the lengths evaluation
+(low, high) tokens instead of filling the sequence, so training covers the lengths evaluation
 asks at (a curriculum over lengths; needle depths are always uniform in [0, 1]); the rest of
 the row is corpus text.
 
 What each sequence is, and every random choice in it, is a function of (seed, sequence
 index), so the state is the index plus the corpus sampler's state.
 
-Deliberately left out: sizing examples in the tokens of a subword tokenizer — examples are
-sized in bytes, so with such a tokenizer an example is shorter in tokens and more of its
-sequence is corpus text.
+Prompt lengths are in the tokenizer's tokens: exact with the byte tokenizer; with a subword
+tokenizer the longest prompt found within the length (`retrieval.fit_to_tokens`), so a few
+more corpus tokens top the row up.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ..tokenizer import Tokenizer
 from ..training.data import PackedSequences, TokenBatch
 from ..training.losses import IGNORE_INDEX
 from .registry import TASKS
+from .retrieval import fit_to_tokens
 
 __all__ = ["MixedSequences"]
 
@@ -122,12 +123,19 @@ class MixedSequences:
             return ids, ids
         name = rng.choice(self.tasks)
         length = self._length if self.length_range is None else rng.randint(*self.length_range)
-        example = TASKS[name].make_example(rng, length, rng.random(), **self.task_options.get(name, {}))
+        depth, state = rng.random(), rng.getstate()
+
+        def make(n_bytes: int):
+            draws = random.Random()
+            draws.setstate(state)                    # every size from the same draws
+            return TASKS[name].make_example(draws, n_bytes, depth, **self.task_options.get(name, {}))
+        example = fit_to_tokens(make, length, lambda text: len(self.tokenizer.encode(text)))
         prompt = self.tokenizer.encode(example.prompt, add_bos=self.corpus.add_bos)
         ids = prompt + self.tokenizer.encode(example.answer, add_eos=True)
         if len(ids) > self.seq_len:
-            raise ValueError(f"a {name} example of {length} bytes became {len(ids)} tokens, more "
-                             f"than seq_len={self.seq_len}; this tokenizer makes more tokens than bytes")
+            raise ValueError(f"a {name} example with a {length}-token prompt became {len(ids)} tokens, more "
+                             f"than seq_len={self.seq_len}: its answer takes more than the {_ANSWER_ROOM} tokens "
+                             f"left for it")
         rest = self.corpus.take(self.seq_len - len(ids))
         ids_t = torch.cat([torch.tensor(ids, dtype=torch.int64), rest])
         labels = ids_t.clone()

@@ -22,8 +22,12 @@ the question asks for the value of the last variable of one chain. Following the
 required because the distractor chains put other numbers in the prompt, and a single number
 keeps the answer exact-match scorable.
 
-Deliberately left out: lengths in tokens of other tokenizers (encode the prompt and measure
-if you need that), non-English filler, and RULER's other task families (QA, aggregation).
+Other tokenizers: `fit_to_tokens(make, length, count)` sizes an example in the tokens of any
+tokenizer — the largest prompt, in bytes, whose tokens (`count`) do not exceed `length`, found
+by a few rebuilds of the example (a subword tokenizer's tokens per byte varies with the text, so
+the prompt is at most `length` tokens, usually within a few of it, not exactly `length`).
+
+Deliberately left out: non-English filler, and RULER's other task families (QA, aggregation).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from __future__ import annotations
 import bisect
 import random
 import string
-from typing import Any
+from typing import Any, Callable
 
 from .base import Example, check_int
 
-__all__ = ["make_passkey", "make_multikey_niah", "make_variable_tracking", "SENTENCES", "MAX_PIECE_BYTES"]
+__all__ = ["make_passkey", "make_multikey_niah", "make_variable_tracking", "fit_to_tokens", "SENTENCES",
+           "MAX_PIECE_BYTES"]
 
 # Plain, unremarkable sentences: natural-looking filler with no digits and none of the needle
 # phrases ("pass key", "magic number", "VAR").
@@ -266,3 +271,32 @@ def make_variable_tracking(rng: random.Random, length_tokens: int, depth: float 
                      answer=values[0],
                      meta={"hops": hops, "num_chains": num_chains, "variable": last,
                            "chain": name_list[:hops + 1], "values": values})
+
+
+def fit_to_tokens(make: Callable[[int], Example], length: int, count: Callable[[str], int],
+                  tries: int = 16) -> Example:
+    """The example `make(n_bytes)` (built afresh, from the same seed, at each size) whose prompt
+    has the most tokens (`count`) found without exceeding `length`. Tokens never outnumber the
+    bytes of this ASCII text, so `length` bytes always fit; the next size extrapolates from the
+    tokens per byte of the largest fitting size until one does not fit, then sizes are bisected
+    between the two. With one token per byte the first try is exact."""
+    check_int("length", length, 1)
+    best = make(length)
+    best_tokens = count(best.prompt)
+    if best_tokens > length:
+        raise ValueError(f"a prompt of {length} bytes is {best_tokens} tokens: this tokenizer makes more tokens "
+                         f"than bytes, so the prompt cannot be sized in its tokens")
+    fit, fit_tokens, over = length, best_tokens, None          # sizes in bytes: fits, and too long
+    for _ in range(tries):
+        if best_tokens == length or (over is not None and over - fit <= 1):
+            break
+        size = max(fit + 1, fit * length // max(fit_tokens, 1)) if over is None else (fit + over) // 2
+        example = make(size)
+        n = count(example.prompt)
+        if n > length:
+            over = size
+            continue
+        fit, fit_tokens = size, n
+        if n > best_tokens:
+            best, best_tokens = example, n
+    return best

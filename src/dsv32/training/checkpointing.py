@@ -6,6 +6,8 @@ the run's settings; written atomically, pruned, checked against the current sett
         config.json, model.safetensors     the model named "model" (the trainer's), in the Hugging
                                            Face layout at the top, so `dsv32.load_pretrained(folder)`
                                            loads the checkpoint as it is
+        tokenizer.json, ...                the files given as `files` (the run's tokenizer), so that
+                                           a checkpoint is read with the tokenizer it was trained on
         checksums.sha256                   sha256 of every file above and of trainer_state.pt
                                            (each model folder has its own; `sha256sum -c` reads it)
         policy/, reference/                any other named model (GRPO's), each in its own folder
@@ -63,7 +65,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -193,11 +195,13 @@ class CheckpointFolder:
     keep: how many of the newest checkpoints to keep (>= 1).
     dist: the process group under torchrun (every rank calls save/load); single process if None.
     sharded: write DCP shards per rank (the trainer under torchrun) instead of gathered files.
+    files: copied beside the main model into every checkpoint, under their own names (a
+        tokenizer.json and its tokenizer_config.json) and listed in its checksums.
     during_write: called with the temporary folder after the models are written and before the
         trainer state and the rename; the kill-during-save test uses it to stop there."""
 
     def __init__(self, root: str | Path, *, keep: int = 1, dist: DistInfo | None = None, sharded: bool = False,
-                 during_write: Callable[[Path], None] | None = None) -> None:
+                 during_write: Callable[[Path], None] | None = None, files: Sequence[str | Path] = ()) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep (checkpoints to keep) must be an integer >= 1, got {keep!r}")
         self.root = Path(root)
@@ -205,6 +209,10 @@ class CheckpointFolder:
         self.dist = dist or DistInfo()
         self.sharded = sharded
         self.during_write = during_write
+        self.files = [Path(f) for f in files]
+        names = [f.name for f in self.files]
+        if len(set(names)) != len(names) or set(names) & {STATE_NAME, "config.json", DCP_DIR}:
+            raise ValueError(f"files {names} must have distinct names other than the checkpoint's own")
 
     # ------------------------------------------------------------------ listing
     def checkpoints(self) -> list[Path]:
@@ -273,7 +281,9 @@ class CheckpointFolder:
                     self.during_write(tmp)
                 _pause_if_asked(step, tmp)
                 torch.save(record, tmp / STATE_NAME)
-                write_manifest(tmp, [STATE_NAME])     # beside the main model's files' checksums
+                for file in self.files:
+                    shutil.copyfile(file, tmp / file.name)
+                write_manifest(tmp, [STATE_NAME, *(f.name for f in self.files)])   # beside the model's files
                 _fsync_tree(tmp)
                 os.replace(tmp, final)
                 _fsync(self.root)

@@ -23,7 +23,15 @@ Data: the corpus (files/folders given by `--corpus`, default this Python's stand
 source) is split by document hash into training and held-out sides; training sequences
 mix corpus text with retrieval examples (`--task-fraction`; `--task-loss answer` trains them
 on their answers only), or come from a JSONL file of (ids, labels) examples (`--data-jsonl`,
-format in `data.JsonlSequences`); the held-out side gives the evaluation LM loss. Bad input
+format in `data.JsonlSequences`); the held-out side gives the evaluation LM loss.
+
+Tokenizer: `--tokenizer` ('byte', a tokenizer.json or a folder holding one; default: the
+tokenizer.json of the checkpoint `--init`/`--model` names, else the byte tokenizer, which is
+the presets' vocabulary) reads the corpus, the held-out text and the retrieval tasks, whose
+lengths (`--seq-len`, `--lengths`) are then in its tokens. A training run copies its
+tokenizer.json (and tokenizer_config.json) into every checkpoint, so `eval` and `generate` on
+the result read text as it was trained. A tokenizer with an id the model has no embedding for
+is an error naming both. Bad input
 (an empty corpus, `--seq-len` beyond the model's max_position_embeddings, an unknown task, resuming with other settings) is a ValueError,
 which cli.py prints in one line with exit code 2, before any checkpoint is touched.
 
@@ -41,11 +49,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..cli import add_config_flags, config_from_args, load_model, resolve_model_dir
+from ..cli import add_config_flags, config_from_args, load_model, load_model_tokenizer, resolve_model_dir
 from ..config import ModelConfig
 from ..model import AttentionOptions, DSV32ForCausalLM
 from ..model.indexer import Indexer
-from ..tokenizer import ByteTokenizer
+from ..tokenizer import Tokenizer, tokenizer_files
 from .data import JsonlSequences, PackedSequences, read_documents, split_documents, stdlib_documents
 from ..distributed import init_distributed, shard_model
 from .dsa import IndexerWarmup, SparseTraining, selection_report
@@ -76,6 +84,8 @@ def _data_flags(p: argparse.ArgumentParser, seq_len: int) -> None:
     g.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on corpus bytes read (default 4e6)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of documents")
     g.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
+    g.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer.json / folder (default: the model "
+                                                     "folder's tokenizer.json, else byte)")
 
 
 # TrainConfig's fields are flags of the same names; two keep the shorter names they had first,
@@ -179,25 +189,25 @@ def _check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
                          f"{cfg.max_position_embeddings}")
 
 
-def _held_out(args: argparse.Namespace, val_docs, n: int) -> torch.Tensor:
+def _held_out(args: argparse.Namespace, val_docs, n: int, tokenizer: Tokenizer) -> torch.Tensor:
     if not val_docs:
         raise ValueError(f"the corpus has no held-out documents at --val-fraction {args.val_fraction}; "
                          f"give a larger corpus or a larger fraction")
-    return PackedSequences(val_docs, ByteTokenizer(), args.seq_len, shuffle=False).next_batch(n)
+    return PackedSequences(val_docs, tokenizer, args.seq_len, shuffle=False).next_batch(n)
 
 
 def _train_config(args: argparse.Namespace, lr_overrides: dict[str, float] | None = None) -> TrainConfig:
     return config_from_args(args, TrainConfig, lr_overrides=lr_overrides or {})
 
 
-def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_with: AttentionOptions,
-         extra: dict[str, Any], lr_overrides: dict[str, float] | None = None) -> int:
-    """Shared by pretrain and sparsify: data, trainer, fit, a one-line summary."""
+def _run(args: argparse.Namespace, model: DSV32ForCausalLM, tokenizer: Tokenizer, objective,
+         evaluate_with: AttentionOptions, extra: dict[str, Any], lr_overrides: dict[str, float] | None = None) -> int:
+    """Shared by pretrain and sparsify: data, trainer, fit, a one-line summary. `tokenizer`
+    reads the corpus and the task text, and travels into every checkpoint (`tokenizer_files`)."""
     _check_seq_len(args.seq_len, model.config)
     check_retrieval_tasks(args.tasks)
     config = _train_config(args, lr_overrides)          # validates the numbers before reading data
     train_docs, val_docs = _documents(args)
-    tokenizer = ByteTokenizer()
     corpus = PackedSequences(train_docs, tokenizer, args.seq_len, seed=args.seed)
     if args.data_jsonl:
         data = JsonlSequences(args.data_jsonl, args.seq_len, pad_id=model.config.pad_token_id or 0, seed=args.seed)
@@ -206,7 +216,7 @@ def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_
                               task_loss=args.task_loss)
     evaluate = None
     if args.eval_every:
-        held_out = _held_out(args, val_docs, args.eval_sequences)
+        held_out = _held_out(args, val_docs, args.eval_sequences, tokenizer)
 
         def evaluate(m: DSV32ForCausalLM) -> dict[str, float]:
             out = lm_eval(m, held_out, attention=evaluate_with, batch_size=args.batch_size)
@@ -220,7 +230,8 @@ def _run(args: argparse.Namespace, model: DSV32ForCausalLM, objective, evaluate_
     info = init_distributed(args.device)
     if info.enabled:                      # torchrun: FSDP2 shards, DCP checkpoints, rank 0 reports
         shard_model(model)
-    trainer = Trainer(model, objective, data, config, args.out, evaluate=evaluate, run_info=run_info, dist=info)
+    trainer = Trainer(model, objective, data, config, args.out, evaluate=evaluate, run_info=run_info, dist=info,
+                      checkpoint_files=tokenizer_files(tokenizer))
     history = trainer.fit(resume=args.resume, stop_at=args.stop_at)
     last = history[-1] if history else None
     where = trainer.checkpointer.latest()
@@ -238,11 +249,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     _require(args, "out")
     path = Path(args.model)
     cfg = ModelConfig.from_hf_config(path) if path.suffix == ".json" else ModelConfig.preset(args.model)
+    # A config.json's folder may hold the tokenizer it is meant for; a preset's is the byte tokenizer.
+    tokenizer = load_model_tokenizer(path.parent if path.suffix == ".json" else args.model, args.tokenizer,
+                                     cfg.vocab_size)
     torch.manual_seed(args.seed)
     model = DSV32ForCausalLM(cfg, init=False)
     model.init_weights(seed=args.seed)
     objective = LanguageModeling(balance_alpha=args.balance_alpha, mtp_weight=args.mtp_weight)
-    return _run(args, model.to(args.device), objective, AttentionOptions(sparse=False),
+    return _run(args, model.to(args.device), tokenizer, objective, AttentionOptions(sparse=False),
                 {"model": str(args.model)})
 
 
@@ -251,6 +265,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     if args.stage not in ("warmup", "sparse"):    # a --config value escapes argparse's choices
         raise ValueError(f"--stage must be 'warmup' or 'sparse', got {args.stage!r}")
     model = load_model(args.init, device=args.device, flag="--init")
+    tokenizer = load_model_tokenizer(args.init, args.tokenizer, model.config.vocab_size, flag="--init")
     if args.topk is not None:
         _record_topk(model, args.topk)
     if args.stage == "warmup":
@@ -261,7 +276,8 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
                                    mtp_weight=args.mtp_weight)
         attention = AttentionOptions(sparse=True)
     overrides = {".indexer.": args.indexer_lr} if args.indexer_lr else None
-    return _run(args, model, objective, attention, {"init": str(args.init), "stage": args.stage}, overrides)
+    return _run(args, model, tokenizer, objective, attention, {"init": str(args.init), "stage": args.stage},
+                overrides)
 
 
 def _record_topk(model: DSV32ForCausalLM, topk: int) -> None:
@@ -357,7 +373,8 @@ def _attention_settings(config: EvalConfig, model: DSV32ForCausalLM) -> list[tup
     return settings
 
 
-def _measure(model: DSV32ForCausalLM, attention: AttentionOptions, config: EvalConfig, held_out: torch.Tensor):
+def _measure(model: DSV32ForCausalLM, tokenizer: Tokenizer, attention: AttentionOptions, config: EvalConfig,
+             held_out: torch.Tensor):
     """One row of the sweep: LM loss/perplexity, (sparse) indexer recall at this k, retrieval
     metrics; and the selection report the recall came from (None for dense)."""
     lm = lm_eval(model, held_out, attention=attention, batch_size=config.batch_size)
@@ -366,7 +383,7 @@ def _measure(model: DSV32ForCausalLM, attention: AttentionOptions, config: EvalC
         device = next(model.parameters()).device
         report = selection_report(model, held_out[:1].to(device), attention=attention)
         recall = report.recall(attention.topk)
-    rows = retrieval_eval(model, ByteTokenizer(), tasks=config.tasks, lengths=config.lengths, depths=config.depths,
+    rows = retrieval_eval(model, tokenizer, tasks=config.tasks, lengths=config.lengths, depths=config.depths,
                           examples_per_cell=config.examples_per_cell, attention=attention, seed=config.seed,
                           batch_size=config.batch_size)
     return {**lm, **recall, **accuracy_summary(rows), "retrieval": rows}, report
@@ -391,9 +408,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = config_from_args(args, EvalConfig)
     _check_eval_lengths(config, args.seq_len)
     model = load_model(args.model, device=args.device).eval()
+    tokenizer = load_model_tokenizer(args.model, args.tokenizer, model.config.vocab_size)
     _check_seq_len(args.seq_len, model.config)
     _, val_docs = _documents(args)
-    held_out = _held_out(args, val_docs, config.eval_sequences)
+    held_out = _held_out(args, val_docs, config.eval_sequences, tokenizer)
     layer = config.plot_layer % model.config.num_hidden_layers
     out_dir = Path(args.out) if args.out else None
     source = str(resolve_model_dir(args.model)) if Path(args.model).is_dir() else str(args.model)
@@ -401,7 +419,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                "topk": list(config.topk) if config.topk else None}
     table = []
     for label, attention in _attention_settings(config, model):
-        row, report = _measure(model, attention, config, held_out)
+        row, report = _measure(model, tokenizer, attention, config, held_out)
         table.append((label, row))
         if attention.sparse:
             results.setdefault("sparse", {})[str(attention.topk)] = row

@@ -35,6 +35,7 @@ from ..model import AttentionOptions, DSV32ForCausalLM
 from ..tokenizer import Tokenizer
 from ..tasks import TASKS, get_task
 from ..tasks.mqar import answer_accuracy, needle_positions
+from ..tasks.retrieval import fit_to_tokens
 
 
 @torch.no_grad()
@@ -72,7 +73,9 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
                    needles: bool = False) -> list[dict[str, Any]]:
     """Exact-match accuracy of every (task, prompt length in tokens, needle depth) cell over
     `examples_per_cell` examples (each drawn from its own seeded RNG, so a cell is the same
-    set whatever else is evaluated). Returns one row per cell: task, length, depth, n,
+    set whatever else is evaluated). Lengths are in `tokenizer`'s tokens, BOS not counted: with
+    the byte tokenizer exact, with a subword one at most that many (`tasks.retrieval.fit_to_tokens`).
+    Returns one row per cell: task, length, depth, n,
     accuracy (exact match), correct, token_accuracy and answer_nll (see `_teacher_forced`);
     with `needles`, also needle_selected (overall and per layer) at `attention.topk`."""
     check_retrieval_tasks(tasks)
@@ -88,8 +91,9 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
             for depth in depths:
                 seqs, prompt_lens, spans = [], [], []
                 for i in range(examples_per_cell):
-                    rng = random.Random(f"dsv32-eval/{seed}/{name}/{length}/{depth}/{i}")
-                    ex = task.make_example(rng, length, depth, **options)
+                    def make(n_bytes: int, key=f"dsv32-eval/{seed}/{name}/{length}/{depth}/{i}"):
+                        return task.make_example(random.Random(key), n_bytes, depth, **options)
+                    ex = fit_to_tokens(make, length, lambda text: len(tokenizer.encode(text)))
                     prompt = tokenizer.encode(ex.prompt, add_bos=add_bos)
                     spans.append(_needle_span(tokenizer, ex, add_bos))
                     ids = prompt + tokenizer.encode(ex.answer, add_eos=True)
@@ -107,12 +111,24 @@ def retrieval_eval(model: DSV32ForCausalLM, tokenizer: Tokenizer, *, tasks: Sequ
 
 
 def _needle_span(tokenizer: Tokenizer, example, add_bos: bool) -> tuple[int, int]:
-    """Token positions [start, end) of the answer's copy inside the needle statement."""
+    """Token positions [start, end) of the answer's copy inside the needle statement, in the
+    prompt's own tokenization. A subword tokenizer may merge the answer's first characters with
+    the space before them, or its last with what follows, so the span is where the prompt's ids
+    part from the ids of the text before the answer (start) and the first prompt token that is
+    not inside the text up to the answer's end (end)."""
     at = example.prompt.find(example.answer, max(0, example.meta.get("needle_offset", 0)))
     if at < 0:
         raise ValueError(f"the answer of a {example.meta.get('task')} example is not in its prompt")
-    start = len(tokenizer.encode(example.prompt[:at], add_bos=add_bos))
-    return start, len(tokenizer.encode(example.prompt[:at + len(example.answer)], add_bos=add_bos))
+    full = tokenizer.encode(example.prompt, add_bos=add_bos)
+
+    def shared(text: str) -> tuple[int, int]:
+        ids = tokenizer.encode(text, add_bos=add_bos)
+        n = next((i for i, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
+        return n, len(ids)
+
+    start, _ = shared(example.prompt[:at])
+    end, length = shared(example.prompt[:at + len(example.answer)])
+    return start, end + (end < length)          # a token straddling the answer's end belongs to it
 
 
 def _text_needles(model, seqs, prompt_lens, spans, device, attention: AttentionOptions) -> dict[str, float]:

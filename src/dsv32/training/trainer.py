@@ -38,7 +38,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -120,13 +120,14 @@ class Trainer:
     `out_dir/metrics_name` and checkpoints (under `out_dir/checkpoints` unless a `checkpointer`
     is given; neither when `out_dir` is None). `evaluate(model) -> {name: value}` is called every
     `eval_every` steps (model in eval mode, no grad). `run_info` adds settings (e.g. the corpus)
-    that resume must match."""
+    that resume must match; `checkpoint_files` are copied into every checkpoint (the run's
+    tokenizer: `CheckpointFolder`'s `files`)."""
 
     def __init__(self, model: DSV32ForCausalLM, objective: Objective, data: DataSource, config: TrainConfig,
                  out_dir: str | Path | None, *, checkpointer: CheckpointFolder | None = None,
                  evaluate: Callable[[DSV32ForCausalLM], dict[str, float]] | None = None,
                  run_info: dict[str, Any] | None = None, dist: DistInfo | None = None,
-                 metrics_name: str = "metrics.jsonl") -> None:
+                 metrics_name: str = "metrics.jsonl", checkpoint_files: Sequence[str | Path] = ()) -> None:
         self.device = next(model.parameters()).device
         if config.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast needs a CUDA device; on CPU training runs in float32 (drop --bf16)")
@@ -145,7 +146,7 @@ class Trainer:
                              f"{self.dist.world_size} (each rank trains on an equal slice of the global batch)")
         if checkpointer is None and self.out_dir is not None:
             checkpointer = CheckpointFolder(self.out_dir / "checkpoints", keep=config.keep_checkpoints,
-                                            dist=self.dist, sharded=self.dist.enabled)
+                                            dist=self.dist, sharded=self.dist.enabled, files=checkpoint_files)
         self.checkpointer = checkpointer
         self.log = None if self.out_dir is None else MetricsLog(self.out_dir / metrics_name)
         self.settings = _jsonable({"train": config.run_settings(), "objective": objective.settings(),
