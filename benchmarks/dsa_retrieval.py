@@ -45,6 +45,9 @@ def parse_args() -> argparse.Namespace:
                        ("target", float), ("warmup_steps", int), ("sparse_steps", int), ("eval_examples", int),
                        ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    p.add_argument("--show-answers", action="store_true", default=None,
+                   help="also write each answer into the ids (the construction before Zoology's; later queries "
+                        "then see earlier answers, and guessing among the unanswered values scores H_N/N)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for result.json and the heatmaps")
     return p.parse_args()
@@ -55,7 +58,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     sizes = replace(sizes, **{k: v for k, v in vars(args).items() if k in sizes.__dataclass_fields__ and v is not None})
-    print(f"MQAR T={sizes.seq_len}, {sizes.num_pairs} pairs, vocabulary {sizes.vocab_size}, power_a {sizes.power_a}; "
+    print(f"MQAR T={sizes.seq_len}, {sizes.num_pairs} pairs, vocabulary {sizes.vocab_size}, power_a {sizes.power_a}, "
+          f"answers in the ids: {sizes.show_answers}; "
           f"model {sizes.layers} layers, hidden {sizes.hidden}; load before: {os.getloadavg()}", flush=True)
     study = RecallStudy(sizes)
     result = study.run()
