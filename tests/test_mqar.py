@@ -18,7 +18,8 @@ def _batch(task: MQAR, n: int = 8, seed: int = 0):
 
 @pytest.mark.parametrize("task", [MQAR(vocab_size=64, num_pairs=8, seq_len=64),
                                   MQAR(vocab_size=40, num_pairs=16, seq_len=100, power_a=1.0, random_fill=False),
-                                  MQAR(vocab_size=256, num_pairs=64, seq_len=1024)])
+                                  MQAR(vocab_size=256, num_pairs=64, seq_len=1024),
+                                  MQAR(vocab_size=64, num_pairs=8, seq_len=64, show_answers=True)])
 def test_answers_are_recoverable_from_the_prompt_and_keys_do_not_repeat(task):
     ids, labels = _batch(task)
     N, half = task.num_pairs, task.vocab_size // 2
@@ -31,7 +32,10 @@ def test_answers_are_recoverable_from_the_prompt_and_keys_do_not_repeat(task):
         answered = [t for t, y in enumerate(lab) if y != -100]
         assert len(answered) == N
         for t in answered:                        # the answer is the value that followed the query's key
-            assert row[t] == lab[t] == answer[row[t - 1]] and t >= 2 * N + 1 and (t - 2 * N) % 2 == 1
+            assert lab[t] == answer[row[t - 1]] and t >= 2 * N + 1 and (t - 2 * N) % 2 == 1
+            assert (row[t] == lab[t]) == task.show_answers   # hidden: the ids hold each value once, in its pair
+        if not task.show_answers:
+            assert all(row.count(v) == 1 for v in values)
         queried = [row[t - 1] for t in answered]
         assert sorted(queried) == sorted(keys)    # every key queried once
         rest = row[2 * N:]

@@ -17,14 +17,21 @@ One sequence of length T with N pairs (the construction of Zoology's generator):
 * the query region has S = (T - 2N) // 2 slots; each key is queried once, at the slot g drawn
   without replacement with probability p(g) proportional to (g + 1)^(power_a - 1): Zoology's
   power law (power_a = 0.01 puts most queries close to the pairs, 1.0 spreads them uniformly);
-* the position after a query holds the key's value, and only those positions carry a label:
-  the model, reading the query, must predict the value it saw after that key in the context;
+* only the position after a query carries a label, the key's value: the model, reading the
+  query, must predict the value it saw after that key in the context. As in Zoology, that
+  position's input is filler and the value is only in the labels (`show_answers=False`), so
+  every value occurs once in the ids, in its pair;
 * every other query-region position is filler: 0 (`random_fill=False`, Zoology's default) or a
   random id from [1, V/2) that is not one of this sequence's keys, so no key ever repeats
   except as its query (Zoology's random filler draws from the whole vocabulary, so a filler
-  may equal a key). Zoology's inputs leave the position after a query as filler and put the
-  value only in the labels; here the value is in the ids too, so a sequence is one plain
-  text that teacher forcing reads left to right (no prediction sees its own target).
+  may equal a key).
+
+`show_answers=True` writes each value into the ids after its query too (one plain text that
+teacher forcing reads left to right). Then a later query sees the earlier answers, and a
+model that never binds a key to its value scores H_N / N (H_N = 1 + 1/2 + ... + 1/N; 0.34 at
+N = 8) by guessing among the values not yet answered: a 2-layer model trained 3000 steps at
+T = 128, N = 8 plateaued there (README, "Retrieval: does DSA keep it?"). Keep it off to
+measure recall.
 
 Accuracy = argmax of the logits at each query position equals the value (`answer_accuracy`);
 `meta` records, per answer, the context position of the value it must copy (the "needle" that
@@ -44,7 +51,7 @@ import torch
 
 from ..training.data import TokenBatch
 from ..training.losses import IGNORE_INDEX
-from ..validation import check_int
+from ..validation import check_bool, check_int
 
 __all__ = ["MQAR", "MQARSequences", "answer_accuracy"]
 
@@ -57,11 +64,14 @@ class MQAR:
     power_a: float = 0.01        # query-slot distribution, p(g) ~ (g + 1)^(power_a - 1)
     random_fill: bool = True     # filler: random unused keys (True) or 0
     distinct_values: bool = True
+    show_answers: bool = False   # also write each value into the ids after its query (see above)
 
     def __post_init__(self) -> None:
         check_int("num_pairs", self.num_pairs, 1)
         check_int("vocab_size", self.vocab_size, 4)
         check_int("seq_len", self.seq_len, 2)
+        for name in ("random_fill", "distinct_values", "show_answers"):
+            check_bool(name, getattr(self, name))
         keys = self.vocab_size // 2 - 1
         if self.num_pairs > keys or (self.distinct_values and self.num_pairs > self.vocab_size - self.vocab_size // 2):
             raise ValueError(f"num_pairs={self.num_pairs} needs as many distinct keys in [1, vocab_size/2): "
@@ -106,14 +116,16 @@ class MQAR:
         slot = torch.multinomial(self.slot_weights().expand(B, -1).float(), N, replacement=False, generator=generator)
         query = 2 * N + 2 * slot                                                          # (B, N) positions
         ids.scatter_(1, query, pair_keys)
-        ids.scatter_(1, query + 1, values)
+        if self.show_answers:
+            ids.scatter_(1, query + 1, values)
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels.scatter_(1, query + 1, values)
         return TokenBatch(ids, labels)
 
     def settings(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "num_pairs": self.num_pairs, "seq_len": self.seq_len,
-                "power_a": self.power_a, "random_fill": self.random_fill, "distinct_values": self.distinct_values}
+                "power_a": self.power_a, "random_fill": self.random_fill, "distinct_values": self.distinct_values,
+                "show_answers": self.show_answers}
 
 
 def needle_positions(ids: torch.Tensor, labels: torch.Tensor, num_pairs: int) -> torch.Tensor:

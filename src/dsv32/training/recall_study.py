@@ -71,10 +71,11 @@ class StudySizes:
     eval_examples: int = 32
     fractions: tuple[int, ...] = (8, 16, 32)        # k = T / fraction
     seed: int = 0
+    show_answers: bool = False      # MQAR's show_answers: True lets later queries see earlier answers
 
     def task(self, seq_len: int | None = None) -> MQAR:
         return MQAR(vocab_size=self.vocab_size, num_pairs=self.num_pairs, seq_len=seq_len or self.seq_len,
-                    power_a=self.power_a)
+                    power_a=self.power_a, show_answers=self.show_answers)
 
     def model_config(self) -> ModelConfig:
         """`layers` MLA layers with dense MLPs, a 4-head indexer, index_topk = T/8."""
