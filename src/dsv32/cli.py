@@ -310,7 +310,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     res = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_tokens=stops, stream=stream if single else None,
-                   fp8_cache=args.fp8_cache)
+                   fp8_cache=args.fp8_cache, vocab_limit=min(tok.vocab_size, model.config.vocab_size))
     seconds = time.perf_counter() - start
     n = int(res.lengths.sum())
     if single:

@@ -243,3 +243,20 @@ def test_recorded_selections_are_those_of_a_forward_over_the_sequence(model, chu
     # 2 prompt keys, top-4: the first three steps see <= 4 keys; the fourth query sees 5.
     for idx in short.indices.values():
         assert (idx[0, :3] == -1).all() and (idx[0, 3] >= 0).all()
+
+
+def test_vocab_limit_samples_only_ids_the_tokenizer_has(model):
+    """A tokenizer smaller than the model's padded vocabulary (Qwen: 151,665 ids, 151,936 rows):
+    ids at or past vocab_limit are never drawn, greedy or sampled; a bad limit is refused."""
+    V = model.config.vocab_size
+    free = generate(model, PROMPTS, max_new_tokens=12, temperature=5.0, seed=0, stop_tokens=[])
+    assert (free.tokens >= 10).any()                          # unlimited, a hot sampler leaves [0, 10)
+    for temperature in (0.0, 5.0):
+        res = generate(model, PROMPTS, max_new_tokens=12, temperature=temperature, seed=0, stop_tokens=[],
+                       vocab_limit=10)
+        assert (res.tokens < 10).all() and torch.isfinite(res.logprobs).all()
+    assert torch.equal(generate(model, PROMPTS, max_new_tokens=4, temperature=5.0, seed=0, stop_tokens=[],
+                                vocab_limit=V).tokens, free.tokens[:, :4])
+    for bad in (0, V + 1, 2.5):
+        with pytest.raises(ValueError, match="vocab_limit"):
+            generate(model, PROMPTS, max_new_tokens=2, vocab_limit=bad)

@@ -151,6 +151,7 @@ def generate(
     prefill_chunk: int | None = None,
     attention: AttentionOptions | None = None,
     sync_ranks: bool = False,
+    vocab_limit: int | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt (lists of token ids).
 
@@ -164,8 +165,14 @@ def generate(
     sync_ranks: every rank of a process group calls this together (an FSDP-sharded model needs
     all ranks in each forward pass): prompts are padded to the longest on any rank and the
     loop stops only when every rank's rows have stopped.
+    vocab_limit: sample only ids below it (a tokenizer smaller than the model's padded
+    vocabulary, as Qwen's 151,665 ids in 151,936 rows); None = every row of the LM head.
     """
     params = SamplingParams(temperature, top_k, top_p)
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
+                                    or not 1 <= vocab_limit <= model.config.vocab_size):
+        raise ValueError(f"vocab_limit must be an int in [1, vocab_size={model.config.vocab_size}], "
+                         f"got {vocab_limit!r}")
     _validate(model, prompts, max_new_tokens)
     cfg = model.config
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -243,6 +250,9 @@ def generate(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     kept: list[torch.Tensor | None] = []
     for step in range(max_new_tokens):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")     # ids the tokenizer cannot decode
         s = sample_next(logits, params, seeds, step)
         live = ~finished
         tokens[:, step] = torch.where(live, s.tokens, pad)
