@@ -24,6 +24,17 @@ import torch
 from .. import fp8 as fp8_format
 from ..config import ModelConfig
 
+def check_room(cache, batch: int, T: int) -> None:
+    """What a preallocated cache (`_rows`, `max_batch`, `length`, `max_length`) checks before a
+    call writes T new tokens for `batch` rows."""
+    if cache._rows is not None and batch != cache._rows:
+        raise ValueError(f"cache holds {cache._rows} rows, the call has {batch}")
+    if batch > cache.max_batch:
+        raise ValueError(f"batch {batch} exceeds the cache's max_batch {cache.max_batch}")
+    if cache.length + T > cache.max_length:
+        raise ValueError(f"{cache.length} cached + {T} new tokens exceed the cache's max_length {cache.max_length}")
+
+
 class LatentCache:
     """A growing latent cache. `fp8=True` stores c_kv and the indexer key in FP8 e4m3."""
 
@@ -154,12 +165,7 @@ class StaticLatentCache(LatentCache):
             raise AttributeError("StaticLatentCache tracks validity itself")
 
     def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
-        if self._rows is not None and batch != self._rows:
-            raise ValueError(f"cache holds {self._rows} rows, the call has {batch}")
-        if batch > self.max_batch:
-            raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
-        if self.length + T > self.max_length:
-            raise ValueError(f"{self.length} cached + {T} new tokens exceed the cache's max_length {self.max_length}")
+        check_room(self, batch, T)
         self._rows = batch
         self._pending = new_valid
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..model.gqa_config import DenseConfig
+from .cache import check_room
 
 
 class GQACache:
@@ -52,12 +53,7 @@ class GQACache:
         return per * self._rows * self.length
 
     def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
-        if self._rows is not None and batch != self._rows:
-            raise ValueError(f"cache holds {self._rows} rows, the call has {batch}")
-        if batch > self.max_batch:
-            raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
-        if self.length + T > self.max_length:
-            raise ValueError(f"{self.length} cached + {T} new tokens exceed the cache's max_length {self.max_length}")
+        check_room(self, batch, T)
         self._rows, self._pending = batch, new_valid
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_index: torch.Tensor | None, start: int):
