@@ -123,3 +123,47 @@ class ForwardContext:
         if self.key_valid is None:
             return None
         return self.key_valid[:, self.q_start: self.q_start + T]
+
+
+def call_geometry(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, cache: Any = None):
+    """What a causal LM's forward derives from its inputs before any layer runs, for any model
+    family: (q_start, new_valid, key_valid, position_ids). q_start is the cache length; new_valid
+    (B, T) bool or None is the call's mask; key_valid (B, S) bool or None covers every key slot
+    (the cache's past mask, then the call's); positions default to counting real tokens, so a
+    left-padded row starts at 0. Raises ValueError for malformed shapes."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if T == 0:
+        raise ValueError("input_ids is empty (sequence length 0)")
+    dev = input_ids.device
+    q_start = cache.length if cache is not None else 0
+    new_valid = None if attention_mask is None else attention_mask.to(torch.bool)
+    if new_valid is not None and new_valid.shape != (B, T):
+        raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(new_valid.shape)}")
+    past_valid = cache.key_valid if cache is not None else None
+    key_valid = None
+    if new_valid is not None or past_valid is not None:
+        nv = new_valid if new_valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+        pv = past_valid if past_valid is not None else torch.ones(B, q_start, dtype=torch.bool, device=dev)
+        key_valid = torch.cat((pv, nv), dim=1)
+    if position_ids is None:
+        if key_valid is None:
+            position_ids = torch.arange(q_start, q_start + T, device=dev).expand(B, T)
+        else:
+            position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
+    return q_start, new_valid, key_valid, position_ids
+
+
+def check_token_inputs(config: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming the problem when token ids fall outside `config.vocab_size` or
+    positions reach `config.max_position_embeddings`. Synchronises with the device, so callers
+    run it once where inputs enter (generate, the trainer, the CLI), never per layer or step."""
+    if input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={config.vocab_size}), got range [{lo}, {hi}]")
+    last = input_ids.shape[-1] - 1 if position_ids is None else int(position_ids.max())
+    if last >= config.max_position_embeddings:
+        raise ValueError(f"position {last} is beyond max_position_embeddings={config.max_position_embeddings}")

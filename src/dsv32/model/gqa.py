@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .context import AttentionOptions, ForwardContext, IndexerInputs, Records
+from .context import AttentionOptions, ForwardContext, IndexerInputs, Records, call_geometry, check_token_inputs
 from .gqa_config import DenseConfig
 from .gqa_indexer import GQAIndexer
 from .norms import RMSNorm
@@ -261,26 +261,9 @@ class GQAForCausalLM(nn.Module):
                 attention: AttentionOptions | None = None, records: Records | None = None,
                 compute_mtp: bool = False, logits_to_keep: int = 0, return_hidden: bool = False) -> ModelOutput:
         """Arguments as `DSV32ForCausalLM.forward` (compute_mtp is accepted and does nothing)."""
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")
+        q_start, new_valid, key_valid, position_ids = call_geometry(input_ids, attention_mask, position_ids, cache)
         B, T = input_ids.shape
-        dev = input_ids.device
         records = records if records is not None else Records()
-        q_start = cache.length if cache is not None else 0
-        new_valid = None if attention_mask is None else attention_mask.to(torch.bool)
-        if new_valid is not None and new_valid.shape != (B, T):
-            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(new_valid.shape)}")
-        past_valid = cache.key_valid if cache is not None else None
-        key_valid = None
-        if new_valid is not None or past_valid is not None:
-            nv = new_valid if new_valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
-            pv = past_valid if past_valid is not None else torch.ones(B, q_start, dtype=torch.bool, device=dev)
-            key_valid = torch.cat((pv, nv), dim=1)
-        if position_ids is None:
-            if key_valid is None:
-                position_ids = torch.arange(q_start, q_start + T, device=dev).expand(B, T)
-            else:
-                position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
         if cache is not None:
             cache.begin(B, T, new_valid)
         cos, sin = self.rotary(position_ids)
@@ -297,16 +280,8 @@ class GQAForCausalLM(nn.Module):
         return ModelOutput(logits=self.lm_head(head_in), hidden=hidden if return_hidden else None, records=records)
 
     def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
-        """ValueError when token ids leave the vocabulary or positions reach max_position_embeddings
-        (synchronises; call where inputs enter)."""
-        cfg = self.config
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got range [{lo}, {hi}]")
-        last = input_ids.shape[-1] - 1 if position_ids is None else int(position_ids.max())
-        if last >= cfg.max_position_embeddings:
-            raise ValueError(f"position {last} is beyond max_position_embeddings={cfg.max_position_embeddings}")
+        """`context.check_token_inputs` against this model's config (synchronises)."""
+        check_token_inputs(self.config, input_ids, position_ids)
 
     def new_cache(self, batch: int, max_length: int, *, kind: str = "static", fp8: bool = False):
         """The K/V (+ indexer key) cache `dsv32.inference.generate` uses for this model; both

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import MLA
-from .context import AttentionOptions, ForwardContext, Records
+from .context import AttentionOptions, ForwardContext, Records, call_geometry, check_token_inputs
 from .moe import MLP, MoE, Experts, Router
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
@@ -184,29 +184,9 @@ class DSV32ForCausalLM(nn.Module):
         No host synchronisation happens here: token ranges and positions are checked where
         inputs enter (`check_inputs`, called by generate, the trainer and the CLI).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        q_start, new_valid, key_valid, position_ids = call_geometry(input_ids, attention_mask, position_ids, cache)
         B, T = input_ids.shape
-        if T == 0:
-            raise ValueError("input_ids is empty (sequence length 0)")
         records = records if records is not None else Records()
-        q_start = cache.length if cache is not None else 0
-        new_valid = None if attention_mask is None else attention_mask.to(torch.bool)
-        if new_valid is not None and new_valid.shape != (B, T):
-            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(new_valid.shape)}")
-        past_valid = cache.key_valid if cache is not None else None
-        if new_valid is None and past_valid is None:
-            key_valid = None
-        else:
-            nv = new_valid if new_valid is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-            pv = past_valid if past_valid is not None else torch.ones(B, q_start, dtype=torch.bool,
-                                                                      device=input_ids.device)
-            key_valid = torch.cat((pv, nv), dim=1)
-        if position_ids is None:
-            if key_valid is None:
-                position_ids = torch.arange(q_start, q_start + T, device=input_ids.device).expand(B, T)
-            else:
-                position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
         if cache is not None:
             cache.begin(B, T, new_valid)
 
@@ -248,17 +228,9 @@ class DSV32ForCausalLM(nn.Module):
         return logits
 
     def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
-        """Raise ValueError naming the problem when token ids fall outside the vocabulary or
-        positions reach `max_position_embeddings`. Synchronises with the device, so callers run
-        it once where inputs enter (generate, the trainer, the CLI), never per layer or step."""
-        cfg = self.config
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got range [{lo}, {hi}]")
-        last = input_ids.shape[-1] - 1 if position_ids is None else int(position_ids.max())
-        if last >= cfg.max_position_embeddings:
-            raise ValueError(f"position {last} is beyond max_position_embeddings={cfg.max_position_embeddings}")
+        """`context.check_token_inputs` against this model's config (synchronises; call where
+        inputs enter: generate, the trainer, the CLI)."""
+        check_token_inputs(self.config, input_ids, position_ids)
 
     def layer(self, idx: int) -> Block:
         """The decoder block with layer index `idx`: main layers first, then MTP layers
