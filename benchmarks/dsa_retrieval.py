@@ -1,11 +1,14 @@
 """Does DSA keep retrieval? A dense model that retrieves (MQAR), its DSA conversion, one table.
 
-    python benchmarks/dsa_retrieval.py --quick               # T=128, 8 pairs: 1500 dense steps, ~10 min on one thread
-    python benchmarks/dsa_retrieval.py                       # T=1024, 64 pairs (the issue's target size)
+    python benchmarks/dsa_retrieval.py --quick               # T=128, 8 pairs, vocabulary 64: a few minutes
+    python benchmarks/dsa_retrieval.py                       # T=1024, 64 pairs, vocabulary 136
     python benchmarks/dsa_retrieval.py --out runs/dsa_retrieval   # also writes result.json and heatmaps
+    python benchmarks/dsa_retrieval.py --quick --curriculum none  # 8 pairs from the first step (the 1/N floor)
 
 Trains a 2-layer dense-MLP model on multi-query associative recall (`dsv32.tasks.mqar`,
-answer-only loss) until its held-out answer accuracy reaches --target, then runs the indexer
+answer-only loss) through a curriculum over (T, pairs) — 2 pairs at T=32 first, the next stage
+once held-out accuracy passes --stage-target — until its held-out answer accuracy at the final
+(T, pairs) reaches --target, then runs the indexer
 warm-up and sparse training from it (`dsv32.training.recall_study`), and prints one table:
 dense; sparse before warm-up (the untrained indexer: the control); after warm-up; after
 sparse training; each at k = T/8, T/16, T/32 — answer accuracy, answer NLL, needle selected
@@ -16,10 +19,13 @@ times, dense vs sparse, and `uptime`'s load: the machine may be shared, so read 
 Why MQAR rather than passkey: over integer ids a 2-layer model can solve MQAR with an
 induction head, every sequence carries N answers (N graded signals per example, not one),
 and the needle is one known position, so "needle selected" is exact. Passkey over bytes
-needs a model that first learns to read digits in English filler. On CPU the small model
-does not get there in a few thousand steps (README, "Retrieval: does DSA keep it?": it
-stays at the 1/N floor of guessing among the values in the context); Zoology's attention
-runs see millions of sequences.
+needs a model that first learns to read digits in English filler.
+
+Why the curriculum: trained on many pairs from the first step, the small model sits at the
+1/N floor of guessing among the values in the context for thousands of steps (Zoology's
+attention runs see millions of sequences). With 2 pairs the binding forms within a few
+hundred steps and carries over as the pairs and the length grow (README, "Retrieval: does DSA
+keep it?").
 """
 
 from __future__ import annotations
@@ -35,22 +41,33 @@ import torch
 
 from dsv32.training.recall_study import RecallStudy, StudySizes, by_distance, format_table
 
-QUICK = StudySizes(seq_len=128, num_pairs=8, vocab_size=64, dense_steps=1500, check_every=50, warmup_steps=60,
-                   sparse_steps=60, eval_examples=32)
+QUICK = StudySizes(seq_len=128, num_pairs=8, vocab_size=64, batch_size=16, dense_steps=2000, check_every=50,
+                   curriculum=((32, 2), (64, 4)), warmup_steps=60, sparse_steps=60, eval_examples=32)
 FULL = StudySizes()
+
+
+def _stages(text: str) -> tuple[tuple[int, int], ...]:
+    if text == "none":
+        return ()
+    try:
+        return tuple((int(t), int(n)) for t, n in (stage.split(":") for stage in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T:N,T:N,... or 'none', got {text!r}") from None
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T=128, 8 pairs, vocabulary 64")
     for name, kind in (("seq_len", int), ("num_pairs", int), ("vocab_size", int), ("power_a", float),
-                       ("hidden", int), ("layers", int), ("batch_size", int), ("lr", float), ("dense_steps", int),
-                       ("target", float), ("warmup_steps", int), ("sparse_steps", int), ("eval_examples", int),
+                       ("hidden", int), ("layers", int), ("heads", int), ("batch_size", int), ("lr", float),
+                       ("dense_steps", int), ("target", float), ("stage_target", float), ("warmup_steps", int), ("sparse_steps", int), ("eval_examples", int),
                        ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     p.add_argument("--show-answers", action="store_true", default=None,
                    help="also write each answer into the ids (the construction before Zoology's; later queries "
                         "then see earlier answers, and guessing among the unanswered values scores H_N/N)")
+    p.add_argument("--curriculum", default=None, type=_stages,
+                   help="stages before the final (T, pairs) as T:N,T:N,... (e.g. 32:2,64:4), or 'none'")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for result.json and the heatmaps")
     return p.parse_args()
@@ -62,8 +79,9 @@ def main() -> int:
     sizes = QUICK if args.quick else FULL
     sizes = replace(sizes, **{k: v for k, v in vars(args).items() if k in sizes.__dataclass_fields__ and v is not None})
     print(f"MQAR T={sizes.seq_len}, {sizes.num_pairs} pairs, vocabulary {sizes.vocab_size}, power_a {sizes.power_a}, "
-          f"answers in the ids: {sizes.show_answers}; "
-          f"model {sizes.layers} layers, hidden {sizes.hidden}; load before: {os.getloadavg()}", flush=True)
+          f"answers in the ids: {sizes.show_answers}; curriculum {list(sizes.curriculum) or 'none'}; "
+          f"model {sizes.layers} layers, hidden {sizes.hidden}, {sizes.heads} heads; load before: {os.getloadavg()}",
+          flush=True)
     study = RecallStudy(sizes)
     result = study.run()
     print()

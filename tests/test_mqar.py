@@ -91,3 +91,43 @@ def test_data_source_is_deterministic_resumable_and_cycles_lengths():
     assert torch.equal(b.next_batch(2).ids, third.ids)
     with pytest.raises(ValueError, match="seed=3 but this task has seed=4"):
         MQARSequences(task, seed=4, lengths=(32, 48)).load_state_dict(state)
+
+
+def test_curriculum_keeps_tokens_per_batch_advances_and_resumes():
+    task = MQAR(vocab_size=64, num_pairs=8, seq_len=128)
+    a = MQARSequences(task, seed=1, stages=((32, 2), (64, 4), (128, 8)))
+    first = a.next_batch(2)
+    assert first.ids.shape == (8, 32) and int((first.labels != -100).sum()) == 8 * 2   # 2 x 128 tokens, 2 answers each
+    assert a.advance() and a.current.num_pairs == 4 and a.next_batch(2).ids.shape == (4, 64)
+    state = json.loads(json.dumps(a.state_dict()))
+    assert a.advance() and not a.advance() and a.last_stage                            # stops at the final task
+    final = a.next_batch(2)
+    assert final.ids.shape == (2, 128) and int((final.labels != -100).sum()) == 2 * 8
+    b = MQARSequences(task, seed=1, stages=((32, 2), (64, 4), (128, 8)))
+    b.load_state_dict(state)                                                           # resumes inside stage 2
+    assert b.current.seq_len == 64 and b.next_batch(2).ids.shape == (4, 64)
+    with pytest.raises(ValueError, match="stages=.* but this task has stages="):
+        MQARSequences(task, seed=1, stages=((64, 4), (128, 8))).load_state_dict(state)
+
+
+@pytest.mark.parametrize("stages,message", [
+    (((32, 2), (64, 4)), r"last stage must be the task's own \(seq_len, num_pairs\) = \(128, 8\), got \(64, 4\)"),
+    (((32, 2.0), (128, 8)), r"stages\[0\] must be a pair \(seq_len, num_pairs\) of ints"),
+    (((16, 8), (128, 8)), r"stages\[0\] = \(16, 8\): seq_len must be >= 4 \* num_pairs = 32"),
+])
+def test_curriculum_refuses_bad_stages(stages, message):
+    with pytest.raises(ValueError, match=message):
+        MQARSequences(MQAR(vocab_size=64, num_pairs=8, seq_len=128), stages=stages)
+
+
+def test_recall_study_walks_the_curriculum_then_converts():
+    from dsv32.training.recall_study import RecallStudy, StudySizes
+    sizes = StudySizes(seq_len=64, num_pairs=4, vocab_size=32, hidden=32, batch_size=2, dense_steps=4, check_every=1,
+                       curriculum=((16, 2), (32, 2)), stage_target=0.0, warmup_steps=1, sparse_steps=1,
+                       eval_examples=2, fractions=(8,))
+    result = RecallStudy(sizes, log=lambda line: None).run()
+    # stage_target 0 advances at every check: one step per stage, then the final task
+    assert [(t, n) for _, t, n, _ in result["dense_curve"]] == [(16, 2), (32, 2), (64, 4), (64, 4)]
+    assert result["dense_final_stage"] and result["dense_steps_run"] == 4
+    stages = {r["stage"] for r in result["rows"]}
+    assert {"dense", "sparse, after sparse training"} <= stages and len(result["rows"]) == 8

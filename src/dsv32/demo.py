@@ -9,11 +9,10 @@
        recall before/after warm-up and after sparse training, and draw the causal mask beside
        the indexer's actual selection;
     4b. retrieval on a task built for it: a separate small dense model trained on MQAR
-       (multi-query associative recall over integer ids, answer-only loss) for a fixed
-       budget, converted with the same two DSA stages, scored dense, sparse with the
-       untrained indexer (the control) and converted sparse (`training.recall_study`). In the
-       demo's CPU budget it does not get past the 1/N floor of guessing among the values in
-       the context (README, "Retrieval: does DSA keep it?"), and the report says so;
+        (multi-query associative recall over integer ids, answer-only loss) through a
+        curriculum over pair counts until it retrieves, converted with the same two DSA
+        stages, scored dense, sparse with the untrained indexer (the control) and converted
+        sparse (`training.recall_study`);
     5. a short SFT on arithmetic, then GRPO steps with all four V3.2 stabilisers;
     6. generate samples, time sparse vs dense attention;
     7. write `report.md` with the numbers and PNG plots, and print where it is.
@@ -60,14 +59,13 @@ class DemoSizes:
 def _recall_sizes(quick: bool):
     from .training.recall_study import StudySizes
     if quick:
-        return StudySizes(seq_len=64, num_pairs=4, vocab_size=32, batch_size=4, dense_steps=4, check_every=2,
-                          warmup_steps=2, sparse_steps=2, eval_examples=4)
-    # 800 dense steps took 340 s with both stages (2 threads, load 2-3); 400 keep the whole demo near its
-    # 10-minute budget. The accuracies seen then (0.316 at 800, 0.211 at 400) came with the answers in the
-    # ids, i.e. from guessing among the values not yet answered (tasks.mqar, show_answers); with the answers
-    # hidden, 500 steps stay at the in-context floor 1/8 (README, "Retrieval: does DSA keep it?").
-    return StudySizes(seq_len=128, num_pairs=8, vocab_size=64, dense_steps=400, check_every=50, warmup_steps=40,
-                      sparse_steps=40, eval_examples=32)
+        return StudySizes(seq_len=64, num_pairs=4, vocab_size=32, hidden=32, batch_size=4, dense_steps=4, check_every=2,
+                          curriculum=((32, 2),), warmup_steps=2, sparse_steps=2, eval_examples=4)
+    # The curriculum (2 pairs at T=32, then 4 at T=64, then the final 8 at T=128) is what makes the
+    # binding learnable here: trained on 8 pairs from the start, the model sits at the 1/8 floor for
+    # thousands of steps (README, "Retrieval: does DSA keep it?").
+    return StudySizes(seq_len=128, num_pairs=8, vocab_size=64, batch_size=16, dense_steps=2000, check_every=50,
+                      curriculum=((32, 2), (64, 4)), warmup_steps=40, sparse_steps=40, eval_examples=32)
 
 
 FULL = DemoSizes(seq_len=1024, topk=128, pretrain_steps=400, warmup_steps=60, sparse_steps=60, batch_size=8,
@@ -349,19 +347,23 @@ def _train_curves(out: Path, path: Path) -> Path:
 def _recall_section(rc: dict[str, Any]) -> list[str]:
     s = rc["sizes"]
     T, N = s["seq_len"], s["num_pairs"]
-    reached = [acc for _, acc in rc["dense_curve"]]
+    final = [acc for _, t, n, acc in rc["dense_curve"] if (t, n) == (T, N)]
+    stages = " -> ".join(f"{n} pairs at T={t}" for t, n in [*s["curriculum"], (T, N)])
     return [
         "## Retrieval: does DSA keep it?", "",
         f"The corpus model above does not learn to retrieve in this budget (its retrieval numbers are near zero), "
         f"so the demo trains a separate {s['layers']}-layer dense-MLP model (hidden {s['hidden']}) on MQAR: "
         f"{N} key-value pairs over integer ids (vocabulary {s['vocab_size']}) in sequences of T={T}, each key "
-        f"queried once, loss on the answers only. It trained {rc['dense_steps_run']} steps (held-out accuracy "
-        f"{reached[-1] if reached else float('nan'):.3f}, target {s['target']}), then the two DSA stages "
+        f"queried once, loss on the answers only, the answers only in the labels. A curriculum ({stages}; the next "
+        f"stage once held-out accuracy reaches {s['stage_target']}) lets the key-value binding form: trained on "
+        f"{N} pairs from the start, the model sits at the 1/{N} floor of guessing among the context's values. "
+        f"It trained {rc['dense_steps_run']} steps (held-out accuracy at T={T}: "
+        f"{final[-1] if final else float('nan'):.3f}, target {s['target']}), then the two DSA stages "
         f"({s['warmup_steps']} warm-up and {s['sparse_steps']} sparse steps at k=T/8). Chance is "
         f"{1 / (s['vocab_size'] - s['vocab_size'] // 2):.3f}; picking any of the {N} values in the context gives "
-        f"{1 / N:.3f} (the answers are only in the labels, so no query sees an earlier answer). The control is the dense model with sparse "
-        "attention through its untrained indexer. Needle selected: the share of answer-bearing context "
-        "positions inside the query's top-k, mean over layers; recall: dense attention mass inside the top-k.", "",
+        f"{1 / N:.3f}. The control is the dense model with sparse attention through its untrained indexer. Needle "
+        "selected: the share of answer-bearing context positions inside the query's top-k, per layer; recall: "
+        "dense attention mass inside the top-k.", "",
         rc["table"], "",
         "Answer accuracy by how far back the needle is (rows: length, T and 2T), dense, control and converted "
         "sparse at k=T/8:", "",

@@ -37,8 +37,11 @@ Accuracy = argmax of the logits at each query position equals the value (`answer
 `meta` records, per answer, the context position of the value it must copy (the "needle" that
 sparse attention has to keep: `evaluate.needle_selected`).
 
+`MQARSequences(..., stages=...)` is a curriculum over (T, N), easiest first: what lets a small
+model learn the binding on CPU (see its docstring).
+
 Left out: Zoology's multi-pass contexts and mixtures of several (T, N) settings in one batch
-(mix data sources instead).
+(a mixture from the start learned slower here than the staged curriculum).
 """
 
 from __future__ import annotations
@@ -161,34 +164,93 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
 
 class MQARSequences:
     """The trainer's data source: `next_batch(n)` is the next n sequences of `task`, each batch
-    from a generator seeded by (seed, batch index), so the state is the index. `lengths`, if
-    given, is a curriculum: batch i uses seq_len lengths[i % len(lengths)] (same pairs), so
-    one run covers every evaluation length."""
+    from a generator seeded by (seed, batch index), so the state is the index (and the stage).
 
-    def __init__(self, task: MQAR, seed: int = 0, *, lengths: tuple[int, ...] | None = None) -> None:
+    `lengths`, if given, cycles: batch i uses seq_len lengths[i % len(lengths)] (same pairs), so
+    one run covers every evaluation length.
+
+    `stages`, if given, is a curriculum over (seq_len, num_pairs), easiest first, ending at the
+    task's own (seq_len, num_pairs): batches come from the current stage until `advance()`
+    moves to the next (the caller decides when, e.g. once held-out accuracy on the stage passes
+    a threshold: `recall_study`). Each stage's batch holds the same number of tokens as a batch
+    of the final stage: `next_batch(n)` returns n * seq_len // stage_seq_len sequences. Why: a
+    2-layer model trained straight on many pairs sits at the 1/N floor of guessing among the
+    context's values for thousands of steps; with 2 pairs the key-value binding (an induction
+    head) forms within a few hundred, and then carries over as pairs and length grow
+    (README, "Retrieval: does DSA keep it?")."""
+
+    def __init__(self, task: MQAR, seed: int = 0, *, lengths: tuple[int, ...] | None = None,
+                 stages: tuple[tuple[int, int], ...] | None = None) -> None:
         check_int("seed", seed, 0)
+        if lengths and stages:
+            raise ValueError("give lengths (cycled) or stages (a curriculum), not both")
         self.task, self.seed = task, seed
-        self.variants = [task] if not lengths else [MQAR(**{**task.settings(), "seq_len": n}) for n in lengths]
+        self.stages = self._stages(task, stages) if stages else ()
+        if self.stages:
+            self.variants = []
+            for i, (t, n) in enumerate(self.stages):
+                try:
+                    self.variants.append(MQAR(**{**task.settings(), "seq_len": t, "num_pairs": n}))
+                except ValueError as e:
+                    raise ValueError(f"stages[{i}] = {(t, n)}: {e}") from None
+        else:
+            self.variants = [task] if not lengths else [MQAR(**{**task.settings(), "seq_len": n}) for n in lengths]
         self.seq_len = max(t.seq_len for t in self.variants)
         self._index = 0
+        self.stage = 0
+
+    @staticmethod
+    def _stages(task: MQAR, stages) -> tuple[tuple[int, int], ...]:
+        out = []
+        for i, stage in enumerate(stages):
+            if (not isinstance(stage, (tuple, list)) or len(stage) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in stage)):
+                raise ValueError(f"stages[{i}] must be a pair (seq_len, num_pairs) of ints, got {stage!r}")
+            out.append((int(stage[0]), int(stage[1])))
+        if out[-1] != (task.seq_len, task.num_pairs):
+            raise ValueError(f"the last stage must be the task's own (seq_len, num_pairs) = "
+                             f"{(task.seq_len, task.num_pairs)}, got {out[-1]}")
+        return tuple(out)
+
+    @property
+    def current(self) -> MQAR:
+        """The task batches come from now."""
+        return self.variants[self.stage] if self.stages else self.variants[self._index % len(self.variants)]
+
+    @property
+    def last_stage(self) -> bool:
+        return not self.stages or self.stage == len(self.stages) - 1
+
+    def advance(self) -> bool:
+        """Move to the next curriculum stage; False (and no change) at the last."""
+        if self.last_stage:
+            return False
+        self.stage += 1
+        return True
 
     def next_batch(self, batch_size: int) -> TokenBatch:
-        task = self.variants[self._index % len(self.variants)]
+        task = self.current
+        if self.stages:
+            batch_size = max(1, batch_size * self.task.seq_len // task.seq_len)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._index)
         self._index += 1
         return task.batch(g, batch_size)
 
     def _settings(self) -> dict[str, Any]:
-        return {"seed": self.seed, "lengths": [t.seq_len for t in self.variants], **self.task.settings()}
+        settings = {"seed": self.seed, **self.task.settings()}
+        if self.stages:
+            return {**settings, "stages": [list(s) for s in self.stages]}
+        return {**settings, "lengths": [t.seq_len for t in self.variants]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"index": self._index, **self._settings()}
+        return {"index": self._index, "stage": self.stage, **self._settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in self._settings().items():
             if state.get(key) != value:
                 raise ValueError(f"state was saved with {key}={state.get(key)!r} but this task has {key}={value!r}")
         self._index = int(state["index"])
+        self.stage = int(state.get("stage", 0))
 
 
 def chance_accuracy(task: MQAR) -> float:

@@ -7,9 +7,10 @@ retrieves, convert it with the two DSA stages, and score every stage at several 
 
 Stages, each through the shared `Trainer`:
 
-1. dense: `LanguageModeling` with dense attention on answer-only MQAR batches, until the
-   held-out answer accuracy reaches `target` (checked every `check_every` steps) or
-   `dense_steps` run out;
+1. dense: `LanguageModeling` with dense attention on answer-only MQAR batches, through the
+   `curriculum` of (T, N) stages (2 pairs at T=32 first; the next stage once held-out accuracy
+   on the current one reaches `stage_target`), until the held-out answer accuracy at the final
+   (T, N) reaches `target` (checked every `check_every` steps) or `dense_steps` run out;
 2. control: that model with sparse attention and its untrained indexer — what top-k keeps
    by luck;
 3. warm-up: `dsa.IndexerWarmup` (main model frozen, indexer KL to the dense attention);
@@ -54,16 +55,19 @@ DENSE = AttentionOptions(sparse=False)
 class StudySizes:
     seq_len: int = 1024
     num_pairs: int = 64
-    vocab_size: int = 256
+    vocab_size: int = 136           # 67 keys, 68 values: room for 64 pairs and the random filler
     power_a: float = 0.01
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 2
-    heads: int = 4
-    batch_size: int = 32
-    lr: float = 3e-3
-    dense_steps: int = 2000
+    heads: int = 2
+    batch_size: int = 2             # sequences of the final T per step; curriculum stages keep the tokens
+    lr: float = 1e-3
+    dense_steps: int = 6000
     target: float = 0.95
-    check_every: int = 25
+    check_every: int = 100
+    # (T, N) stages before the final (seq_len, num_pairs); () trains on the final task from the start
+    curriculum: tuple[tuple[int, int], ...] = ((32, 2), (64, 4), (128, 8), (256, 16), (512, 32))
+    stage_target: float = 0.9
     warmup_steps: int = 60
     warmup_lr: float = 3e-3
     sparse_steps: int = 60
@@ -73,9 +77,13 @@ class StudySizes:
     seed: int = 0
     show_answers: bool = False      # MQAR's show_answers: True lets later queries see earlier answers
 
-    def task(self, seq_len: int | None = None) -> MQAR:
-        return MQAR(vocab_size=self.vocab_size, num_pairs=self.num_pairs, seq_len=seq_len or self.seq_len,
+    def task(self, seq_len: int | None = None, num_pairs: int | None = None) -> MQAR:
+        return MQAR(vocab_size=self.vocab_size, num_pairs=num_pairs or self.num_pairs, seq_len=seq_len or self.seq_len,
                     power_a=self.power_a, show_answers=self.show_answers)
+
+    def stages(self) -> tuple[tuple[int, int], ...]:
+        """The dense stage's curriculum, ending at (seq_len, num_pairs)."""
+        return tuple(tuple(stage) for stage in self.curriculum) + ((self.seq_len, self.num_pairs),)
 
     def model_config(self) -> ModelConfig:
         """`layers` MLA layers with dense MLPs, a 4-head indexer, index_topk = T/8."""
@@ -139,8 +147,8 @@ class RecallStudy:
                            lr_overrides=overrides or {})
 
     def _train(self, model, objective, steps: int, lr: float, stop=None,
-               overrides: dict[str, float] | None = None) -> list[dict[str, Any]]:
-        data = MQARSequences(self.sizes.task(), seed=self.sizes.seed)
+               overrides: dict[str, float] | None = None, data: MQARSequences | None = None) -> list[dict[str, Any]]:
+        data = data or MQARSequences(self.sizes.task(), seed=self.sizes.seed)
         return Trainer(model, objective, data, self._config(steps, lr, overrides), None).fit(stop=stop)
 
     def evaluate(self, model: DSV32ForCausalLM, label: str, attention_for_k) -> list[dict[str, Any]]:
@@ -164,21 +172,30 @@ class RecallStudy:
         torch.manual_seed(s.seed)
         self.held_out = {n: s.task(n).batch(torch.Generator().manual_seed(10_000 + s.seed), s.eval_examples)
                          for n in (s.seq_len, 2 * s.seq_len)}
-        check_ids, check_labels = self.held_out[s.seq_len]
+        data = MQARSequences(s.task(), seed=s.seed, stages=s.stages())
+        # one held-out batch per stage (the last is the final task's, as scored below)
+        checks = [s.task(t, n).batch(torch.Generator().manual_seed(20_000 + s.seed + i), s.eval_examples)
+                  for i, (t, n) in enumerate(s.stages()[:-1])] + [self.held_out[s.seq_len]]
         model = DSV32ForCausalLM(s.model_config(), init=False)
         model.init_weights(seed=s.seed)
-        curve: list[tuple[int, float]] = []
+        curve: list[tuple[int, int, int, float]] = []            # (step, stage T, stage N, held-out accuracy)
 
         def reached(record: dict[str, Any]) -> bool:
             if record["step"] % s.check_every:
                 return False
-            acc = mqar_eval(model, check_ids, check_labels, s.num_pairs, attention=DENSE, selection=False)["accuracy"]
-            curve.append((record["step"], acc))
-            self.log(f"  dense step {record['step']}: loss {record['loss']:.3f}, held-out accuracy {acc:.3f}")
-            return acc >= s.target
+            task, (ids, labels) = data.current, checks[data.stage]
+            acc = mqar_eval(model, ids, labels, task.num_pairs, attention=DENSE, selection=False)["accuracy"]
+            curve.append((record["step"], task.seq_len, task.num_pairs, acc))
+            self.log(f"  dense step {record['step']} (T={task.seq_len}, {task.num_pairs} pairs): "
+                     f"loss {record['loss']:.3f}, held-out accuracy {acc:.3f}")
+            if data.last_stage:
+                return acc >= s.target
+            if acc >= s.stage_target:
+                data.advance()
+            return False
 
         start = time.perf_counter()
-        dense_hist = self._train(model, LanguageModeling(), s.dense_steps, s.lr, stop=reached)
+        dense_hist = self._train(model, LanguageModeling(), s.dense_steps, s.lr, stop=reached, data=data)
         seconds = {"dense": time.perf_counter() - start}
         sparse_at = lambda k: AttentionOptions(sparse=True, topk=k)          # noqa: E731
         rows = self.evaluate(model, "dense", None)
@@ -199,6 +216,7 @@ class RecallStudy:
 
         self.models = {"dense": model, "warm": warm, "sparse": sparse}
         self.result = {"sizes": asdict(s), "rows": rows, "dense_curve": curve, "dense_steps_run": len(dense_hist),
+                       "dense_final_stage": data.last_stage,
                        "seconds": seconds, "step_s": {
                            "dense_train": statistics.median(r["step_s"] for r in dense_hist),
                            "warmup_train": statistics.median(r["step_s"] for r in warm_hist),
