@@ -15,7 +15,10 @@ Stages, each through the shared `Trainer`:
    by luck;
 3. warm-up: `dsa.IndexerWarmup` (main model frozen, indexer KL to the dense attention);
 4. sparse: `dsa.SparseTraining` at k = T/8 (LM loss on the answers for the main model, KL on
-   the selected set for the indexer).
+   the selected set for the indexer);
+5. dense, as long: the dense model trained `sparse_steps` more steps at the same lr with dense
+   attention — sparse training also trains the main model on the task, so this is the dense
+   row the converted model is fairly compared with.
 
 Each is scored on one fixed held-out batch (`evaluate.mqar_eval`) at k = T/8, T/16, T/32
 (top-k chosen at call time, `AttentionOptions.topk`): answer accuracy, answer NLL, needle
@@ -214,7 +217,15 @@ class RecallStudy:
         seconds["sparse"] = time.perf_counter() - start
         rows += self.evaluate(sparse, "sparse, after sparse training", sparse_at)
 
-        self.models = {"dense": model, "warm": warm, "sparse": sparse}
+        # sparse training also trains the main model on the task: the fair dense row has had as many
+        # more steps, at the same lr, with dense attention
+        longer = copy.deepcopy(model)
+        start = time.perf_counter()
+        self._train(longer, LanguageModeling(), s.sparse_steps, s.sparse_lr)
+        seconds["dense_longer"] = time.perf_counter() - start
+        rows += self.evaluate(longer, f"dense, +{s.sparse_steps} steps", None)
+
+        self.models = {"dense": model, "warm": warm, "sparse": sparse, "dense_longer": longer}
         self.result = {"sizes": asdict(s), "rows": rows, "dense_curve": curve, "dense_steps_run": len(dense_hist),
                        "dense_final_stage": data.last_stage,
                        "seconds": seconds, "step_s": {
