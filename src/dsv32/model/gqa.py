@@ -209,15 +209,12 @@ class GQAForCausalLM(CausalLM):
 
     def new_cache(self, batch: int, max_length: int, *, kind: str = "static", fp8: bool = False):
         """The K/V (+ indexer key) cache `dsv32.inference.generate` uses for this model; both
-        kinds ("static", "growing") get the preallocated `GQACache`."""
+        kinds ("static", "growing") get the preallocated `GQACache`, in FP8 with `fp8`."""
         from ..inference.gqa_cache import GQACache
         if kind not in ("static", "growing"):
             raise ValueError(f"cache must be 'static' or 'growing', got {kind!r}")
-        if fp8:
-            raise ValueError("fp8_cache is not supported for dense GQA models (their cache holds K/V in the "
-                             "model's dtype)")
         return GQACache(self.config, batch, max_length, dtype=self.lm_head.weight.dtype,
-                        device=self.lm_head.weight.device)
+                        device=self.lm_head.weight.device, fp8=fp8)
 
     def set_indexer_topk(self, topk: int) -> None:
         """Change k (in the config, so it is saved; every indexer reads it at call time)."""
