@@ -14,19 +14,30 @@ from dsv32.inference.gqa_cache import GQACache
 from tests.model.test_gqa_sparse import retrofitted
 
 
-def test_incremental_decode_equals_full_forward():
-    model = retrofitted(seed=6)
+def _batch():
+    """Two rows of 15 tokens, the first left-padded by 3."""
     ids = torch.randint(0, 53, (2, 15), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, 15, dtype=torch.long)
     mask[0, :3] = 0
+    return ids, mask
+
+
+def _decode(model, ids, mask, cache, opts):
+    """Prefill 8 tokens, then decode the rest one at a time; the logits of every step, joined."""
+    with torch.no_grad():
+        steps = [model(ids[:, :8], mask[:, :8], cache=cache, attention=opts).logits]
+        for t in range(8, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache, attention=opts).logits)
+    return torch.cat(steps, dim=1)
+
+
+def test_incremental_decode_equals_full_forward():
+    model = retrofitted(seed=6)
+    ids, mask = _batch()
     opts = AttentionOptions(topk=4)
     with torch.no_grad():
         full = model(ids, mask, attention=opts).logits
-        cache = model.new_cache(2, 15)
-        steps = [model(ids[:, :8], mask[:, :8], cache=cache, attention=opts).logits]
-        for t in range(8, 15):
-            steps.append(model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache, attention=opts).logits)
-    inc = torch.cat(steps, dim=1)
+    inc = _decode(model, ids, mask, model.new_cache(2, 15), opts)
     real = mask.bool()
     torch.testing.assert_close(inc[real], full[real], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
@@ -94,19 +105,9 @@ class RoundTripCache(GQACache):
         return super().update(layer, fp8.roundtrip(k), fp8.roundtrip(v), k_index, start)
 
 
-def _decode(model, ids, mask, cache, opts):
-    with torch.no_grad():
-        steps = [model(ids[:, :8], mask[:, :8], cache=cache, attention=opts).logits]
-        for t in range(8, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache, attention=opts).logits)
-    return torch.cat(steps, dim=1)
-
-
 def test_fp8_cache_decode_equals_its_float_reference():
     model = retrofitted(seed=6)
-    ids = torch.randint(0, 53, (2, 15), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones(2, 15, dtype=torch.long)
-    mask[0, :3] = 0
+    ids, mask = _batch()
     opts = AttentionOptions(topk=4)
     real = mask.bool()
     stored = _decode(model, ids, mask, model.new_cache(2, 15, fp8=True), opts)[real]

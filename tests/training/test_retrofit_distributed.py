@@ -20,8 +20,8 @@ import torch
 
 from dsv32 import AttentionOptions
 from dsv32.checkpoint.hf_dense import load_dense
-from tests.conftest import randomize_
 from tests.killing import wait_for
+from tests.training.helpers import hf_dense_checkpoint
 from tests.training.test_distributed import TOL, losses, run
 
 transformers = pytest.importorskip("transformers")
@@ -30,13 +30,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with g
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                   max_position_embeddings=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    randomize_(transformers.LlamaForCausalLM(cfg), seed=1, std=0.1).save_pretrained(path)
-    return path
+    return hf_dense_checkpoint(tmp_path_factory.mktemp("hf") / "llama", "Llama", tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
