@@ -14,8 +14,9 @@ Module names are the Hugging Face ones (`model.layers.{i}.self_attn.q_proj`, ...
 map is the identity (checkpoint/hf_dense.py). The model shell, the block and the forward are
 the ones DSV32ForCausalLM uses (model/causal_lm.py): `forward(ids, mask, pos, *, cache,
 attention, records, ...) -> ModelOutput`, left padding and positions counting real tokens
-included; this file holds only what the dense families do their own way (attention, RoPE). Sliding-window layers (Mistral, Qwen with
-`use_sliding_window`) mask keys more than `sliding_window - 1` slots back.
+included; this file holds what the dense families do their own way (attention, RoPE, init).
+Sliding-window layers (Mistral, Qwen with `use_sliding_window`) mask keys more than
+`sliding_window - 1` slots back.
 
 With an indexer configured (`DenseConfig.indexer`), each non-dense layer owns a `GQAIndexer`
 (model/gqa_indexer.py) and, under `AttentionOptions(sparse=True)`, attends only to the top-k
