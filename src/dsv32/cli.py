@@ -173,7 +173,7 @@ def load_model(spec: str | Path, *, dtype: str | None = None, device: str = "cpu
         if verify:
             from .checkpoint.integrity import verify_checksums
             verify_checksums(resolve_model_dir(spec))
-        return load_for_dsa(resolve_model_dir(spec), dtype=dtype, device=device)
+        return load_for_dsa(resolve_model_dir(spec), dtype=dtype, device=device, seed=seed)
     if Path(spec).is_dir():
         model = load_pretrained(resolve_model_dir(spec), dtype=dtype, device=device, verify=verify)
     elif str(spec) in PRESETS:

@@ -12,7 +12,10 @@ any world size, and the gradient FSDP2 averages over ranks equals the gradient o
 batch's mean loss.
 
 Checkpoints of sharded runs (DCP shards per rank, or the full state gathered to rank 0) are
-written by `checkpointing.CheckpointFolder`; both resume at any world size.
+written by `checkpointing.CheckpointFolder`; both resume at any world size. Nothing here depends
+on the model family: a DeepSeek-V3.2 model and a dense GQA model retrofitted with DSA
+(model/gqa.py) shard, gather and save through the same calls (the gathered state is written by
+the model's own `save_pretrained(path, state_dict=...)`, each in its own Hugging Face layout).
 
 Left out: tensor, expert and pipeline parallelism, and multi-node launch details beyond what
 torchrun provides.
@@ -30,6 +33,9 @@ import torch
 import torch.distributed as dist
 
 from .model import DSV32ForCausalLM
+from .model.gqa import GQAForCausalLM
+
+CausalLM = DSV32ForCausalLM | GQAForCausalLM
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,13 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shard_model(model: DSV32ForCausalLM) -> DSV32ForCausalLM:
+def shard_model(model: CausalLM) -> CausalLM:
     """FSDP2: one sharding unit per decoder block and MTP layer, plus the root (embeddings,
     final norm, LM head). `Block.run_on_attention` is registered as a second forward method of
     every block, so the DSA losses, which call a layer's indexer after the model's forward,
-    see gathered parameters and have their gradients reduce-scattered (see that method)."""
+    see gathered parameters and have their gradients reduce-scattered (see that method).
+    Either model family: both keep their blocks in `model.layers` and `mtp` (empty for a dense
+    GQA model), and each block has `run_on_attention`."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for block in list(model.model.layers) + list(model.mtp):
         fully_shard(block)

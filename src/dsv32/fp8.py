@@ -9,8 +9,9 @@ gets one float32 scale:
     x'    = q * scale                              (dequantise)
 
 Three users, one function each way: the indexer's simulated deployment numerics
-(`model/indexer.py`, a round trip per 128 values), the FP8 latent cache (`inference/cache.py`,
-stores `q` and `scale`), and block-FP8 checkpoints (`checkpoint/fp8.py`, 128x128 weight blocks
+(`model/indexer.py`, a round trip per 128 values), the FP8 caches (the latent one,
+`inference/cache.py`, and the dense GQA model's K/V, `inference/gqa_cache.py`: both store `q` and
+`scale`), and block-FP8 checkpoints (`checkpoint/fp8.py`, 128x128 weight blocks
 whose `scale` is the release's `weight_scale_inv`).
 
 It lives at the top of the package rather than in `kernels/` because it is a number format,

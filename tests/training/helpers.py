@@ -40,3 +40,18 @@ def make_trainer(out: Path, *, model_seed: int = 0, checkpointer=None, objective
     data = PackedSequences(documents(), ByteTokenizer(), seq_len=48, seed=0)
     return Trainer(byte_model(model_seed), objective or LanguageModeling(balance_alpha=1e-3), data,
                    TrainConfig(**settings), out, checkpointer=checkpointer)
+
+
+def hf_dense_checkpoint(path: Path, family: str, **overrides) -> Path:
+    """A tiny random dense checkpoint written by transformers' own `{family}ForCausalLM` ("Llama",
+    "Qwen3", ...): byte-sized vocabulary, 2 layers, 4 query / 2 kv heads of 8 dims."""
+    import torch
+    import transformers
+
+    from tests.conftest import randomize_
+    settings = dict(vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
+    cfg = getattr(transformers, f"{family}Config")(**{**settings, **overrides})
+    torch.manual_seed(0)
+    randomize_(getattr(transformers, f"{family}ForCausalLM")(cfg), seed=1, std=0.1).save_pretrained(path)
+    return path

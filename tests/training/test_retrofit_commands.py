@@ -15,9 +15,8 @@ import torch
 from dsv32.checkpoint.hf_dense import load_dense
 from dsv32.cli import main
 from dsv32.inference.generate import generate
-from tests.conftest import randomize_
 from tests.model.test_gqa_sparse import retrofitted
-from tests.training.helpers import write_corpus
+from tests.training.helpers import hf_dense_checkpoint, write_corpus
 
 transformers = pytest.importorskip("transformers")
 COMMON = ["--seq-len", "256", "--tasks", "passkey", "--batch-size", "2", "--val-fraction", "0.2",
@@ -30,13 +29,7 @@ def _records(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory) -> Path:
-    cfg = transformers.Qwen3Config(vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                   max_position_embeddings=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("hf") / "qwen3"
-    randomize_(transformers.Qwen3ForCausalLM(cfg), seed=1, std=0.1).save_pretrained(path)
-    return path
+    return hf_dense_checkpoint(tmp_path_factory.mktemp("hf") / "qwen3", "Qwen3", tie_word_embeddings=True)
 
 
 def test_warmup_sparse_eval_generate(qwen3, tmp_path, capsys):

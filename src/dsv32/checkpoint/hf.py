@@ -362,13 +362,15 @@ def write_checkpoint(items: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig
 
 
 def save_pretrained(model: DSV32ForCausalLM, path: str | Path, *, dtype: str | torch.dtype | None = None,
-                    max_shard_size: int | str | None = None, fp8_weights: bool = False) -> Path:
+                    max_shard_size: int | str | None = None, fp8_weights: bool = False,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save in the HF layout. dtype: cast floating weights (the router and its bias stay float32);
     max_shard_size: e.g. '5GB' to write shards plus an index; fp8_weights: store linear weights
-    as block-wise FP8 e4m3 with `weight_scale_inv`, like the release."""
+    as block-wise FP8 e4m3 with `weight_scale_inv`, like the release; state_dict: the weights to
+    write instead of `model.state_dict()` (the full state gathered from a sharded model)."""
     cfg = model.config
     cast = parse_dtype(dtype)
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else state_dict
     if cast is not None:
         state = {k: (v if (not v.is_floating_point() or _keeps_fp32(k)) else v.to(cast)) for k, v in state.items()}
         cfg = cfg.replace(dtype=_dtype_name(cast))

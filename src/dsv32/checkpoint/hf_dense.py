@@ -84,12 +84,14 @@ def _read(root: Path, cfg: DenseConfig, expected: dict[str, tuple[int, ...]],
 
 
 def load_dense(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               indexer: IndexerSpec | None = None, strict: bool = True) -> GQAForCausalLM:
+               indexer: IndexerSpec | None = None, strict: bool = True, seed: int = 0) -> GQAForCausalLM:
     """Load a Llama / Qwen2 / Qwen3 / Mistral checkpoint as `GQAForCausalLM`.
 
     dtype: default float32 on CPU, the config's dtype elsewhere. indexer: attach a fresh DSA
     indexer (initialised from each layer's loaded attention, see model/gqa_indexer.py) to a
-    checkpoint that has none; a checkpoint saved with one reloads it from its config."""
+    checkpoint that has none; a checkpoint saved with one reloads it from its config. seed: the
+    random part of a fresh indexer (and of weights `strict=False` leaves unread), so every
+    process of a torchrun job, and every rerun, starts from the same model."""
     root = Path(path)
     cfg = read_dense_config(root)
     fresh = False
@@ -112,36 +114,44 @@ def load_dense(path: str | Path, *, dtype: str | torch.dtype | None = None, devi
     model.to_empty(device=device)
     model.tie_weights()
     if fresh or not strict:
-        model.init_weights()
+        model.init_weights(seed=seed)
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, tensor in _read(root, cfg, expected, strict):
             params[key].copy_(tensor.to(params[key].dtype))
-        if fresh:
-            for layer in model.model.layers:
-                if layer.self_attn.indexer is not None:
-                    layer.self_attn.indexer.reset_parameters(attn=layer.self_attn)
+    if fresh:
+        _start_indexers(model, seed)
     return model
 
 
+@torch.no_grad()
+def _start_indexers(model: GQAForCausalLM, seed: int) -> None:
+    """Each indexer's start from its layer's (loaded) attention, the random part drawn from `seed`."""
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    for layer in model.model.layers:
+        if layer.self_attn.indexer is not None:
+            layer.self_attn.indexer.reset_parameters(gen, attn=layer.self_attn)
+
+
 def load_for_dsa(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                 topk: int | None = None) -> GQAForCausalLM:
+                 topk: int | None = None, seed: int = 0) -> GQAForCausalLM:
     """What the DSA verbs (sparsify, eval, generate) load from a dense-family checkpoint: a
     retrofitted one as saved; a plain dense one with a fresh indexer sized to it
-    (`IndexerSpec.for_model`, started from each layer's attention). `topk` replaces k."""
+    (`IndexerSpec.for_model`, started from each layer's attention, seeded). `topk` replaces k."""
     root = Path(path)
     cfg = read_dense_config(root)
     spec = None
     if cfg.indexer is None:
         spec = IndexerSpec.for_model(cfg, **({} if topk is None else {"topk": topk}))
-    model = load_dense(root, dtype=dtype, device=device, indexer=spec)
+    model = load_dense(root, dtype=dtype, device=device, indexer=spec, seed=seed)
     if topk is not None and topk != model.config.indexer.topk:
         model.set_indexer_topk(topk)
     return model
 
 
-def attach_indexer(model: GQAForCausalLM, spec: IndexerSpec) -> GQAForCausalLM:
-    """A copy of dense `model` with a fresh indexer on every non-dense layer (same weights otherwise)."""
+def attach_indexer(model: GQAForCausalLM, spec: IndexerSpec, *, seed: int = 0) -> GQAForCausalLM:
+    """A copy of dense `model` with a fresh indexer on every non-dense layer (same weights otherwise;
+    the indexers' random part drawn from `seed`)."""
     if model.config.indexer is not None:
         raise ValueError("the model already has an indexer")
     cfg = model.config.with_indexer(spec)
@@ -150,22 +160,20 @@ def attach_indexer(model: GQAForCausalLM, spec: IndexerSpec) -> GQAForCausalLM:
         new = GQAForCausalLM(cfg, init=False)
     new = new.to(p.dtype).to_empty(device=p.device)
     new.tie_weights()
-    new.init_weights()
+    new.init_weights(seed=seed)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".indexer." in k for k in missing), (missing, unexpected)
-    with torch.no_grad():
-        for layer in new.model.layers:
-            if layer.self_attn.indexer is not None:
-                layer.self_attn.indexer.reset_parameters(attn=layer.self_attn)
+    _start_indexers(new, seed)
     return new
 
 
 def save_dense(model: GQAForCausalLM, path: str | Path, *, dtype: str | torch.dtype | None = None,
-               max_shard_size: int | str | None = None) -> Path:
+               max_shard_size: int | str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the HF layout: the original keys and config.json, plus indexer tensors and the
-    `dsa_retrofit` field when the model has them. The indexer's head weights stay float32."""
+    `dsa_retrofit` field when the model has them. The indexer's head weights stay float32.
+    state_dict: the weights to write instead of `model.state_dict()` (as `hf.save_pretrained`)."""
     cast = parse_dtype(dtype)
-    state = model.state_dict()
+    state = dict(model.state_dict() if state_dict is None else state_dict)
     if model.config.tie_word_embeddings:
         state.pop(_TIED, None)
     if cast is not None:

@@ -4,7 +4,8 @@
 Two forms:
 
 * `LatentCache` grows by concatenation (no size to choose up front);
-* `StaticLatentCache` preallocates (max_batch, max_length) and writes in place.
+* `StaticLatentCache` preallocates (max_batch, max_length) and writes in place; its slot
+  bookkeeping is `PreallocatedCache`, which the dense GQA model's cache (gqa_cache.py) shares.
 
 Both can store c_kv and the indexer key in FP8 e4m3 with one power-of-two scale per 128
 values (`dsv32.fp8`), as production does (k_r stays in the cache dtype, as in FlashMLA's FP8 layout).
@@ -24,15 +25,82 @@ import torch
 from .. import fp8 as fp8_format
 from ..config import ModelConfig
 
-def check_room(cache, batch: int, T: int) -> None:
-    """What a preallocated cache (`_rows`, `max_batch`, `length`, `max_length`) checks before a
-    call writes T new tokens for `batch` rows."""
-    if cache._rows is not None and batch != cache._rows:
-        raise ValueError(f"cache holds {cache._rows} rows, the call has {batch}")
-    if batch > cache.max_batch:
-        raise ValueError(f"batch {batch} exceeds the cache's max_batch {cache.max_batch}")
-    if cache.length + T > cache.max_length:
-        raise ValueError(f"{cache.length} cached + {T} new tokens exceed the cache's max_length {cache.max_length}")
+
+class PreallocatedCache:
+    """What every preallocated cache shares (`StaticLatentCache` below, `GQACache` in
+    gqa_cache.py): per layer a dict of named tensors of (max_batch, max_length, ...) slots written
+    in place (`_store`), which slots hold real tokens, and the model protocol's bookkeeping
+    (`length`, `key_valid`, `begin` / `commit`), plus `select_rows` and `nbytes`. A subclass
+    names what a layer holds (`_allocate`) and hands a call's new rows, encoded into those
+    parts, to `_write`, which stores them and returns every row so far. A call may use fewer
+    rows than max_batch; every call must use the same number."""
+
+    def _allocate(self, layers: list[dict[str, tuple[tuple[int, ...], torch.dtype]]], max_batch: int,
+                  max_length: int, max_positions: int, device: torch.device | str) -> None:
+        """One dict per layer: part name -> (shape after (batch, slot), dtype)."""
+        if max_batch <= 0 or max_length <= 0:
+            raise ValueError(f"max_batch and max_length must be positive, got {max_batch}, {max_length}")
+        if max_length > max_positions:
+            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings {max_positions}")
+        self.max_batch, self.max_length = max_batch, max_length
+        self._store = [{name: torch.zeros(max_batch, max_length, *shape, dtype=dtype, device=device)
+                        for name, (shape, dtype) in parts.items()} for parts in layers]
+        self._valid = torch.ones(max_batch, max_length, dtype=torch.bool, device=device)
+        self._any_padding = False
+        self._rows: int | None = None
+        self._pending: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def key_valid(self) -> torch.Tensor | None:
+        if not self._any_padding or self._rows is None:
+            return None
+        return self._valid[: self._rows, : self.length]
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored tokens (all layers, all rows)."""
+        if self._rows is None:
+            return 0
+        per_slot = sum(t[0, 0].numel() * t.element_size() for store in self._store for t in store.values())
+        return per_slot * self._rows * self.length
+
+    def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
+        if self._rows is not None and batch != self._rows:
+            raise ValueError(f"cache holds {self._rows} rows, the call has {batch}")
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
+        if self.length + T > self.max_length:
+            raise ValueError(f"{self.length} cached + {T} new tokens exceed the cache's max_length {self.max_length}")
+        self._rows, self._pending = batch, new_valid
+
+    def _write(self, layer: int, parts: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+        """Store `parts` (each (B, T, ...)) of `layer` at slots start..; every part's rows so far."""
+        if start != self.length:
+            raise ValueError(f"cache holds {self.length} tokens but the call starts at slot {start}")
+        store = self._store[layer]
+        B, T = next(iter(parts.values())).shape[:2]
+        for name, rows in parts.items():
+            store[name][:B, start:start + T] = rows
+        return {name: t[:B, : start + T] for name, t in store.items()}
+
+    def commit(self, T: int) -> None:
+        if self._pending is not None:
+            self._valid[: self._rows, self.length: self.length + T] = self._pending
+            self._any_padding = self._any_padding or not bool(self._pending.all())
+        self.length += T
+        self._pending = None
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (1-D int64, repeats allowed) of everything cached, in that order:
+        prompts shared by several rows are prefilled once and then copied (`generate`)."""
+        B, L = index.shape[0], self.length
+        if B > self.max_batch:
+            raise ValueError(f"{B} rows exceed the cache's max_batch {self.max_batch}")
+        for store in self._store:
+            for v in store.values():
+                v[:B, :L] = v[index, :L]              # the gather copies before the write
+        self._valid[:B, :L] = self._valid[index, :L]
+        self._rows = B if self._rows is not None else None
 
 
 class LatentCache:
@@ -43,7 +111,7 @@ class LatentCache:
         self.num_layers = cfg.num_hidden_layers
         self.r = cfg.kv_lora_rank
         self.fp8 = fp8
-        self.key_valid: torch.Tensor | None = None
+        self._key_valid: torch.Tensor | None = None
         self.length = 0
         self._pending: torch.Tensor | None = None
         self._store: list[dict[str, torch.Tensor] | None] = [None] * self.num_layers
@@ -89,6 +157,10 @@ class LatentCache:
         return torch.float32
 
     # ----------------------------------------------------------------- model protocol
+    @property
+    def key_valid(self) -> torch.Tensor | None:
+        return self._key_valid
+
     def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
         if self.key_valid is not None and self.key_valid.shape[0] != batch:
             raise ValueError(f"cache holds {self.key_valid.shape[0]} rows, the call has {batch}")
@@ -109,7 +181,7 @@ class LatentCache:
             old = self.key_valid if self.key_valid is not None else torch.ones(
                 ref.shape[0], self.length, dtype=torch.bool, device=ref.device)
             new = new if new is not None else torch.ones(ref.shape[0], T, dtype=torch.bool, device=ref.device)
-            self.key_valid = torch.cat((old, new), dim=1)
+            self._key_valid = torch.cat((old, new), dim=1)
         self.length += T
         self._pending = None
 
@@ -119,79 +191,24 @@ class LatentCache:
         prompts shared by several rows are prefilled once and then copied (`generate`)."""
         self._store = [None if parts is None else {k: v.index_select(0, index) for k, v in parts.items()}
                        for parts in self._store]
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.index_select(0, index)
+        if self._key_valid is not None:
+            self._key_valid = self._key_valid.index_select(0, index)
 
 
-class StaticLatentCache(LatentCache):
-    """A preallocated cache of (max_batch, max_length) slots per layer, written in place.
-    A call may use fewer rows than max_batch; every call must use the same number."""
+class StaticLatentCache(PreallocatedCache, LatentCache):
+    """A preallocated latent cache of (max_batch, max_length) slots per layer, written in place."""
 
     def __init__(self, cfg: ModelConfig, max_batch: int, max_length: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", fp8: bool = False) -> None:
-        super().__init__(cfg, fp8=fp8)
-        if max_batch <= 0 or max_length <= 0:
-            raise ValueError(f"max_batch and max_length must be positive, got {max_batch}, {max_length}")
-        if max_length > cfg.max_position_embeddings:
-            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        self.max_batch, self.max_length = max_batch, max_length
+        LatentCache.__init__(self, cfg, fp8=fp8)
         C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         template = self._encode(torch.zeros(1, 1, C, dtype=dtype, device=device),
                                 torch.zeros(1, 1, cfg.index_head_dim, device=device))
-        self._store = [{k: torch.zeros(max_batch, max_length, *v.shape[2:], dtype=v.dtype, device=device)
-                        for k, v in template.items()} for _ in range(self.num_layers)]
-        self._valid = torch.ones(max_batch, max_length, dtype=torch.bool, device=device)
-        self._any_padding = False
-        self._rows = None
-
-    def nbytes(self) -> int:
-        if self._rows is None:
-            return 0
-        per_slot = sum(t[0, 0].numel() * t.element_size() for t in self._store[0].values())
-        return per_slot * self._rows * self.length * self.num_layers
+        parts = {k: (tuple(v.shape[2:]), v.dtype) for k, v in template.items()}
+        self._allocate([parts] * self.num_layers, max_batch, max_length, cfg.max_position_embeddings, device)
 
     def _dtype(self) -> torch.dtype:
         return self._store[0]["latent" if not self.fp8 else "k_r"].dtype
 
-    @property
-    def key_valid(self) -> torch.Tensor | None:
-        if not self._any_padding or self._rows is None:
-            return None
-        return self._valid[: self._rows, : self.length]
-
-    @key_valid.setter
-    def key_valid(self, value) -> None:  # set by the base __init__ only
-        if value is not None:
-            raise AttributeError("StaticLatentCache tracks validity itself")
-
-    def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
-        check_room(self, batch, T)
-        self._rows = batch
-        self._pending = new_valid
-
     def update(self, layer: int, latent: torch.Tensor, k_index: torch.Tensor, start: int):
-        if start != self.length:
-            raise ValueError(f"cache holds {self.length} tokens but the call starts at slot {start}")
-        B, T, _ = latent.shape
-        store = self._store[layer]
-        for k, v in self._encode(latent, k_index).items():
-            store[k][:B, start:start + T] = v
-        view = {k: v[:B, : start + T] for k, v in store.items()}
-        return self._decode(view, latent.dtype)
-
-    def commit(self, T: int) -> None:
-        if self._pending is not None:
-            self._valid[: self._rows, self.length: self.length + T] = self._pending
-            self._any_padding = self._any_padding or not bool(self._pending.all())
-        self.length += T
-        self._pending = None
-
-    def select_rows(self, index: torch.Tensor) -> None:
-        B, L = index.shape[0], self.length
-        if B > self.max_batch:
-            raise ValueError(f"{B} rows exceed the cache's max_batch {self.max_batch}")
-        for store in self._store:
-            for v in store.values():
-                v[:B, :L] = v[index, :L]              # the gather copies before the write
-        self._valid[:B, :L] = self._valid[index, :L]
-        self._rows = B if self._rows is not None else None
+        return self._decode(self._write(layer, self._encode(latent, k_index), start), latent.dtype)

@@ -1,77 +1,62 @@
 """KV cache of the dense GQA model (model/gqa.py), retrofitted or not: per layer the RoPE'd keys
 and the values of its G kv heads, (B, L, G, d) each, and for a layer with an indexer the indexer
-key (B, L, d_I). Preallocated (max_batch, max_length) and written in place.
+key (B, L, d_I). Preallocated (max_batch, max_length) and written in place; the slot bookkeeping
+(`length`, `key_valid`, `begin` / `commit`, `select_rows`, `nbytes`) is the latent cache's
+(`cache.PreallocatedCache`).
 
-The model talks to it exactly as to the latent cache (inference/cache.py): `length`,
-`key_valid`, `begin` / `commit` around a forward call, and `update(layer, k, v, k_index, start)`,
-which stores the new rows at slots start.. and returns every row so far. A sparse layer then
-scores all L indexer keys (O(L · H_I · d_I) per decoded token) and attends over only the k
-selected K/V rows (O(k · H · d)), as V3.2 does over its latent cache.
+The model calls `update(layer, k, v, k_index, start)`, which stores the new rows at slots start..
+and returns every row so far. A sparse layer then scores all L indexer keys (O(L · H_I · d_I) per
+decoded token) and attends over only the k selected K/V rows (O(k · H · d)), as V3.2 does over
+its latent cache.
 
-Left out: an FP8 cache (refused with a clear error), paged storage.
+`fp8=True` stores K, V and the indexer key in FP8 e4m3 with one power-of-two scale per 128
+values of a head's row (`dsv32.fp8`, the latent cache's format): 1 byte a number plus 4 bytes a
+block instead of 2 (bf16) or 4 (float32). Simulated as there: reads dequantise every row to the
+compute dtype. Left out: paged storage.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import fp8 as fp8_format
 from ..model.gqa_config import DenseConfig
-from .cache import check_room
+from .cache import PreallocatedCache
 
 
-class GQACache:
+class GQACache(PreallocatedCache):
     def __init__(self, cfg: DenseConfig, max_batch: int, max_length: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        if max_batch <= 0 or max_length <= 0:
-            raise ValueError(f"max_batch and max_length must be positive, got {max_batch}, {max_length}")
-        if max_length > cfg.max_position_embeddings:
-            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        self.max_batch, self.max_length = max_batch, max_length
+                 device: torch.device | str = "cpu", fp8: bool = False) -> None:
+        self.fp8 = fp8
         G, d = cfg.num_key_value_heads, cfg.head_dim
-        self._k = [torch.zeros(max_batch, max_length, G, d, dtype=dtype, device=device)
-                   for _ in range(cfg.num_hidden_layers)]
-        self._v = [torch.zeros_like(t) for t in self._k]
-        self._ki = [torch.zeros(max_batch, max_length, cfg.indexer.head_dim, device=device)
-                    if cfg.has_indexer(i) else None for i in range(cfg.num_hidden_layers)]
-        self._valid = torch.ones(max_batch, max_length, dtype=torch.bool, device=device)
-        self._any_padding = False
-        self._rows: int | None = None
-        self._pending: torch.Tensor | None = None
-        self.length = 0
+        kv = self._encode({"k": torch.zeros(1, 1, G, d, dtype=dtype), "v": torch.zeros(1, 1, G, d, dtype=dtype)})
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            parts = dict(kv)
+            if cfg.has_indexer(i):
+                parts.update(self._encode({"k_index": torch.zeros(1, 1, cfg.indexer.head_dim)}))
+            layers.append({name: (tuple(t.shape[2:]), t.dtype) for name, t in parts.items()})
+        self._allocate(layers, max_batch, max_length, cfg.max_position_embeddings, device)
 
-    @property
-    def key_valid(self) -> torch.Tensor | None:
-        if not self._any_padding or self._rows is None:
-            return None
-        return self._valid[: self._rows, : self.length]
+    def _encode(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.fp8:
+            return rows
+        out = {}
+        for name, x in rows.items():
+            out[name], out[f"{name}_scale"] = fp8_format.quantize(x)
+        return out
 
-    def nbytes(self) -> int:
-        """Bytes held by the stored tokens (all layers, all rows)."""
-        if self._rows is None:
-            return 0
-        per = sum(t[0, 0].numel() * t.element_size() for t in self._k + self._v + [x for x in self._ki if x is not None])
-        return per * self._rows * self.length
-
-    def begin(self, batch: int, T: int, new_valid: torch.Tensor | None) -> None:
-        check_room(self, batch, T)
-        self._rows, self._pending = batch, new_valid
+    def _decode(self, parts: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+        if not self.fp8:
+            return parts[name]
+        return fp8_format.dequantize(parts[name], parts[f"{name}_scale"], dtype=dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_index: torch.Tensor | None, start: int):
-        if start != self.length:
-            raise ValueError(f"cache holds {self.length} tokens but the call starts at slot {start}")
-        B, T = k.shape[:2]
-        end = start + T
-        self._k[layer][:B, start:end] = k
-        self._v[layer][:B, start:end] = v
-        ki = self._ki[layer]
-        if ki is not None and k_index is not None:
-            ki[:B, start:end] = k_index
-        return (self._k[layer][:B, :end], self._v[layer][:B, :end],
-                None if ki is None else ki[:B, :end])
-
-    def commit(self, T: int) -> None:
-        if self._pending is not None:
-            self._valid[: self._rows, self.length: self.length + T] = self._pending
-            self._any_padding = self._any_padding or not bool(self._pending.all())
-        self.length += T
-        self._pending = None
+        """Store the new rows k, v (B, T, G, d) and k_index (B, T, d_I) at slots start..; return
+        all rows so far (k_index None for a layer without an indexer)."""
+        rows = {"k": k, "v": v}
+        if k_index is not None and "k_index" in self._store[layer]:
+            rows["k_index"] = k_index
+        parts = self._write(layer, self._encode(rows), start)
+        k_all, v_all = self._decode(parts, "k", k.dtype), self._decode(parts, "v", v.dtype)
+        return k_all, v_all, (self._decode(parts, "k_index", torch.float32) if "k_index" in parts else None)

@@ -11,10 +11,12 @@ d head dim, D hidden size.
     block: x + attn(RMSNorm(x)); x + W_down(silu(W_gate x) * W_up x) on RMSNorm(x)
 
 Module names are the Hugging Face ones (`model.layers.{i}.self_attn.q_proj`, ...), so the key
-map is the identity (checkpoint/hf_dense.py). The forward contract is `DSV32ForCausalLM`'s:
-`forward(ids, mask, pos, *, cache, attention, records, ...) -> ModelOutput`, left padding and
-positions counting real tokens included. Sliding-window layers (Mistral, Qwen with
-`use_sliding_window`) mask keys more than `sliding_window - 1` slots back.
+map is the identity (checkpoint/hf_dense.py). The model shell, the block and the forward are
+the ones DSV32ForCausalLM uses (model/causal_lm.py): `forward(ids, mask, pos, *, cache,
+attention, records, ...) -> ModelOutput`, left padding and positions counting real tokens
+included; this file holds what the dense families do their own way (attention, RoPE, init).
+Sliding-window layers (Mistral, Qwen with `use_sliding_window`) mask keys more than
+`sliding_window - 1` slots back.
 
 With an indexer configured (`DenseConfig.indexer`), each non-dense layer owns a `GQAIndexer`
 (model/gqa_indexer.py) and, under `AttentionOptions(sparse=True)`, attends only to the top-k
@@ -32,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .context import AttentionOptions, ForwardContext, IndexerInputs, Records, call_geometry, check_token_inputs
+from .causal_lm import CausalLM, PreNormBlock, init_module_
+from .context import ForwardContext, IndexerInputs
 from .gqa_config import DenseConfig
 from .gqa_indexer import GQAIndexer
+from .moe import MLP
 from .norms import RMSNorm
 from .rope import apply_rope_half
-from .transformer import ModelOutput
 
 
 # ------------------------------------------------------------------------------- RoPE
@@ -178,122 +181,41 @@ class GQAttention(nn.Module):
         return out.transpose(1, 2)
 
 
-class DenseMLP(nn.Module):
-    def __init__(self, cfg: DenseConfig) -> None:
-        super().__init__()
-        D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(D, F_, bias=b)
-        self.up_proj = nn.Linear(D, F_, bias=b)
-        self.down_proj = nn.Linear(F_, D, bias=b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class GQABlock(nn.Module):
+class GQABlock(PreNormBlock):
     def __init__(self, cfg: DenseConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = GQAttention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DenseMLP(cfg)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def run_on_attention(self, fn, *args: Any) -> Any:
-        """`fn(self.self_attn, *args)` as a forward of this block (see transformer.Block)."""
-        return fn(self.self_attn, *args)
-
-
-class GQADecoder(nn.Module):
-    def __init__(self, cfg: DenseConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(GQABlock(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg, layer_idx, GQAttention(cfg, layer_idx),
+                         MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias))
 
 
 # ------------------------------------------------------------------------------- the model
-class GQAForCausalLM(nn.Module):
-    """A Llama / Qwen2 / Qwen3 / Mistral causal LM, optionally with DSA retrofitted."""
+class GQAForCausalLM(CausalLM):
+    """A Llama / Qwen2 / Qwen3 / Mistral causal LM, optionally with DSA retrofitted. `forward`
+    (causal_lm.CausalLM) is DSV32ForCausalLM's; `compute_mtp` finds no MTP layer to run."""
 
     def __init__(self, cfg: DenseConfig, *, init: bool = True) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = GQADecoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
-        self.mtp = nn.ModuleList()                     # no multi-token prediction in these families
-        self.rotary = DenseRotary(cfg)
-        self.attention = AttentionOptions()
-        self.activation_checkpointing = False
+        super().__init__(cfg, GQABlock, DenseRotary(cfg))          # no MTP layers in these families
         if init:
             self.init_weights()
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the LM head when the config ties them (again after `to_empty`,
-        which gives each module its own storage)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases; each
         indexer then gets its own start (GQAIndexer.reset_parameters)."""
         gen = None if seed is None else torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
-        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=gen)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
+            init_module_(module, self.config.initializer_range, gen)
         for layer in self.model.layers:
             if layer.self_attn.indexer is not None:
                 layer.self_attn.indexer.reset_parameters(gen, layer.self_attn)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, *, cache: Any = None,
-                attention: AttentionOptions | None = None, records: Records | None = None,
-                compute_mtp: bool = False, logits_to_keep: int = 0, return_hidden: bool = False) -> ModelOutput:
-        """Arguments as `DSV32ForCausalLM.forward` (compute_mtp is accepted and does nothing)."""
-        q_start, new_valid, key_valid, position_ids = call_geometry(input_ids, attention_mask, position_ids, cache)
-        B, T = input_ids.shape
-        records = records if records is not None else Records()
-        if cache is not None:
-            cache.begin(B, T, new_valid)
-        cos, sin = self.rotary(position_ids)
-        ctx = ForwardContext(cos=cos, sin=sin, key_valid=key_valid, q_start=q_start,
-                             attention=attention or self.attention, cache=cache, records=records)
-        x = self.model.embed_tokens(input_ids)
-        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
-        for layer in self.model.layers:
-            x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False) if recompute else layer(x, ctx)
-        hidden = self.model.norm(x)
-        if cache is not None:
-            cache.commit(T)
-        head_in = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        return ModelOutput(logits=self.lm_head(head_in), hidden=hidden if return_hidden else None, records=records)
-
-    def check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
-        """`context.check_token_inputs` against this model's config (synchronises)."""
-        check_token_inputs(self.config, input_ids, position_ids)
-
     def new_cache(self, batch: int, max_length: int, *, kind: str = "static", fp8: bool = False):
         """The K/V (+ indexer key) cache `dsv32.inference.generate` uses for this model; both
-        kinds ("static", "growing") get the preallocated `GQACache`."""
+        kinds ("static", "growing") get the preallocated `GQACache`, in FP8 with `fp8`."""
         from ..inference.gqa_cache import GQACache
         if kind not in ("static", "growing"):
             raise ValueError(f"cache must be 'static' or 'growing', got {kind!r}")
-        if fp8:
-            raise ValueError("fp8_cache is not supported for dense GQA models (their cache holds K/V in the "
-                             "model's dtype)")
         return GQACache(self.config, batch, max_length, dtype=self.lm_head.weight.dtype,
-                        device=self.lm_head.weight.device)
+                        device=self.lm_head.weight.device, fp8=fp8)
 
     def set_indexer_topk(self, topk: int) -> None:
         """Change k (in the config, so it is saved; every indexer reads it at call time)."""
@@ -304,12 +226,6 @@ class GQAForCausalLM(nn.Module):
         for layer in self.model.layers:
             if layer.self_attn.indexer is not None:
                 layer.self_attn.indexer.spec = spec
-
-    def layer(self, idx: int) -> GQABlock:
-        return self.model.layers[idx]
-
-    def num_parameters(self, exclude_mtp: bool = True) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, path, **kwargs: Any):
         from ..checkpoint.hf_dense import save_dense

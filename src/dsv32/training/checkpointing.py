@@ -75,10 +75,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict,
                                                      set_state_dict)
 
-from ..checkpoint import write_checkpoint
 from ..checkpoint.integrity import write_manifest
 from ..checkpoint.hf import writer_temporaries
-from ..checkpoint.keymap import hf_state_items
 from ..config import ModelConfig
 from ..distributed import DistInfo, barrier, single_process_dcp
 
@@ -171,7 +169,7 @@ def save_full_model(model: nn.Module, path: str | Path, info: DistInfo) -> None:
         return
     full = _full(model)
     if info.is_main:
-        write_checkpoint(hf_state_items(full, model.config), model.config, path)
+        model.save_pretrained(path, state_dict=full)     # the model's own layout, whatever its family
     barrier(info)
 
 

@@ -264,7 +264,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     _require(args, "stage", "init", "out")
     if args.stage not in ("warmup", "sparse"):    # a --config value escapes argparse's choices
         raise ValueError(f"--stage must be 'warmup' or 'sparse', got {args.stage!r}")
-    model = load_model(args.init, device=args.device, flag="--init")
+    model = load_model(args.init, device=args.device, seed=args.seed, flag="--init")
     tokenizer = load_model_tokenizer(args.init, args.tokenizer, model.config.vocab_size, flag="--init")
     if args.topk is not None:
         _record_topk(model, args.topk)
