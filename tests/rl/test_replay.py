@@ -138,6 +138,15 @@ def test_shared_prompt_pass_equals_the_whole_row_pass(sparse):
     first, owner = _prefix_groups(batch.sequences[:, :end], batch.attention_mask[:, :end], routing, None,
                                   batch.prompt_len - 1)
     assert len(first) == 3 and torch.equal(owner[first], torch.arange(3))     # one pass per prompt
+    if sparse:        # the prompt's replayed key slots are the group's too, until one row's differ
+        layer = next(iter(batch.prompt_selection))
+        prompt_selection = {**batch.prompt_selection, layer: batch.prompt_selection[layer].clone()}
+        indices = {layer: torch.cat((s, batch.selection[layer][:, :1]), 1) for layer, s in prompt_selection.items()}
+        assert len(_prefix_groups(batch.sequences, batch.attention_mask, routing, indices, batch.prompt_len - 1)[0]) == 3
+        prompt_selection[layer][7, -1, 0] = -1
+        indices = {layer: torch.cat((s, batch.selection[layer][:, :1]), 1) for layer, s in prompt_selection.items()}
+        first, owner = _prefix_groups(batch.sequences, batch.attention_mask, routing, indices, batch.prompt_len - 1)
+        assert len(first) == 4 and (owner == owner[7]).sum() == 1
     model.train()
     _assert_same(*_shared_and_whole(model, batch, **switches), batch.completion_mask)
 

@@ -156,12 +156,16 @@ def _prefix_groups(ids: torch.Tensor, mask: torch.Tensor, routing: dict[int, tor
                    indices: dict[int, torch.Tensor] | None, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows whose first L input slots are the same computation: equal tokens and mask, and equal
     replayed routing and key slots there. Returns (first (U,) one row of each distinct prefix,
-    owner (B,) which of them each row holds)."""
+    owner (B,) which of them each row holds). Replayed key slots (layers x K per slot, large at
+    scale) refine the grouping one layer at a time, so no more than one layer's copy is made."""
     B = ids.shape[0]
     parts = [ids[:, :L], mask[:, :L].long()]
-    parts += [t[:, :L].reshape(B, -1).long() for records in (routing, indices) if records
-              for _, t in sorted(records.items())]
+    parts += [t[:, :L].reshape(B, -1).long() for _, t in sorted((routing or {}).items())]
     distinct, owner = torch.unique(torch.cat(parts, dim=1), dim=0, return_inverse=True)
+    for _, t in sorted((indices or {}).items()):
+        rows = t[:, :L].reshape(B, -1)
+        distinct, owner = torch.unique(torch.cat((owner[:, None].to(rows.dtype), rows), dim=1), dim=0,
+                                       return_inverse=True)
     first = torch.full((distinct.shape[0],), B, dtype=torch.long, device=ids.device)
     first.scatter_reduce_(0, owner, torch.arange(B, device=ids.device), reduce="amin")
     return first, owner
