@@ -38,6 +38,8 @@ def test_row_uniforms_depend_on_seed_and_step_only():
     a = row_uniforms(seeds, 4)
     assert torch.equal(a[2:3], row_uniforms(seeds[2:3], 4))          # alone or in a batch
     assert not torch.equal(a, row_uniforms(seeds, 5))
+    every = row_uniforms(seeds, torch.arange(7))                    # all steps at once, as generate draws
+    assert every.shape == (5, 7) and all(torch.equal(every[:, s], row_uniforms(seeds, s)) for s in range(7))
     assert len(set(a.tolist())) == 5
     many = row_uniforms(torch.arange(20000), 0)
     assert ((many >= 0) & (many < 1)).all()

@@ -129,3 +129,31 @@ def test_mtp_layers_record_balance_and_replay_like_main_layers():
         moved = model(ids, records=Records(replay_routing=other), compute_mtp=True)
     torch.testing.assert_close(moved.logits, first.logits, atol=0, rtol=0)
     assert (moved.mtp_logits[0] - first.mtp_logits[0]).abs().max() > 1e-4
+
+
+def test_grouped_experts_equal_the_per_expert_loop():
+    """The padded batched-matmul dispatch (taken when padding at most doubles the rows) gives the
+    per-expert loop's output and gradients; a skewed load takes the loop."""
+    cfg = tiny_config()
+    experts = randomize_(MoE(cfg), seed=5).experts
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    gen = torch.Generator().manual_seed(0)
+    balanced = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(40)])
+    skewed = balanced.clone()
+    skewed[:, 0] = 0                                          # expert 0 in every row: 40 x 8 > 2 x 80
+    for ids, grouped in ((balanced, True), (skewed, False)):
+        flat = ids.reshape(-1)
+        counts = torch.bincount(flat, minlength=E)
+        assert (int(counts.max()) * E <= 2 * flat.numel()) == grouped
+        x = torch.randn(40, cfg.hidden_size, generator=gen)
+        w = torch.rand(40, k, generator=gen)
+        grads = []
+        for run in ("forward", "looped"):
+            xi = x.clone().requires_grad_()
+            experts.zero_grad(set_to_none=True)
+            order = flat.argsort(stable=True)
+            y = experts(xi, ids, w) if run == "forward" else experts.looped(xi, order, counts.tolist(), k, w)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads.append((y.detach(), xi.grad, *(p.grad for p in experts.parameters())))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

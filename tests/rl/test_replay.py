@@ -4,11 +4,15 @@ recorded routing, training log-probs equal the sampler's even after the router m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from dsv32 import Records
 from dsv32.rl import collect_rollout, grpo_loss, policy_logprobs
+from dsv32.rl.replay import _prefix_groups
+from tests.conftest import tiny_model
 from tests.rl.helpers import TOKENIZER, arithmetic, tiny_policy
 
 T = 0.9
@@ -97,3 +101,72 @@ def test_select_drops_unreached_columns_and_keeps_values(model, rollout):
     sub, _, _ = policy_logprobs(model, part, temperature=T)
     torch.testing.assert_close(sub[part.completion_mask], full[shortest, :sub.shape[1]][part.completion_mask],
                                atol=2e-5, rtol=0)
+
+
+def _shared_and_whole(model, batch, **switches):
+    """(log-probs, gradients) of the prompt-shared pass and of the whole-row pass."""
+    out = []
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        logp, _, _ = policy_logprobs(model, batch, temperature=T, share_prefix=share, **switches)
+        (logp.masked_fill(~batch.completion_mask, 0) * torch.linspace(-1, 1, logp.shape[1])).sum().backward()
+        out.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _assert_same(shared, whole, mask):
+    (a, ga), (b, gb) = shared, whole
+    torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=0)
+    assert ga.keys() == gb.keys() and len(ga) > 20
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5 * float(gb[name].abs().max()) + 1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_shared_prompt_pass_equals_the_whole_row_pass(sparse):
+    """Each prompt held by G rows runs once and hands its latent rows to the completions: the
+    log-probs and every parameter's gradient are the whole-row pass's. Sparse: top-k 4, below
+    every length, with the completion's and the prompt's recorded selections replayed."""
+    model = tiny_model("policy", index_topk=4) if sparse else tiny_policy()
+    batch = collect_rollout(model, TOKENIZER, arithmetic(3), group_size=4, max_new_tokens=6, temperature=T,
+                            top_p=0.9, seeds=list(range(12)), record_selection=sparse,
+                            record_prompt_selection=sparse)
+    switches = dict(keep_selection=sparse, keep_prompt_selection=sparse)
+    end = batch.sequences.shape[1] - 1
+    routing = {layer: r[:, :end] for layer, r in batch.routing.items()}
+    first, owner = _prefix_groups(batch.sequences[:, :end], batch.attention_mask[:, :end], routing, None,
+                                  batch.prompt_len - 1)
+    assert len(first) == 3 and torch.equal(owner[first], torch.arange(3))     # one pass per prompt
+    if sparse:        # the prompt's replayed key slots are the group's too, until one row's differ
+        layer = next(iter(batch.prompt_selection))
+        prompt_selection = {**batch.prompt_selection, layer: batch.prompt_selection[layer].clone()}
+        indices = {layer: torch.cat((s, batch.selection[layer][:, :1]), 1) for layer, s in prompt_selection.items()}
+        assert len(_prefix_groups(batch.sequences, batch.attention_mask, routing, indices, batch.prompt_len - 1)[0]) == 3
+        prompt_selection[layer][7, -1, 0] = -1
+        indices = {layer: torch.cat((s, batch.selection[layer][:, :1]), 1) for layer, s in prompt_selection.items()}
+        first, owner = _prefix_groups(batch.sequences, batch.attention_mask, routing, indices, batch.prompt_len - 1)
+        assert len(first) == 4 and (owner == owner[7]).sum() == 1
+    model.train()
+    _assert_same(*_shared_and_whole(model, batch, **switches), batch.completion_mask)
+
+
+def test_rows_whose_prompt_records_differ_are_not_shared(model, rollout):
+    """A row whose replayed prompt routing differs from its group's computes another prefix: it
+    gets its own prefix pass, and the values stay the whole-row pass's."""
+    batch = rollout.select(torch.arange(8))
+    layer = next(iter(batch.routing))
+    routing = dict(batch.routing)
+    routing[layer] = routing[layer].clone()
+    routing[layer][5, batch.prompt_len - 2] = routing[layer][5, batch.prompt_len - 2].flip(0)  # same experts, other order
+    routing[layer][6, batch.prompt_len - 3] = (routing[layer][6, batch.prompt_len - 3] + 1) % 8  # other experts
+    batch = replace(batch, routing=routing)
+    end = batch.sequences.shape[1] - 1
+    first, owner = _prefix_groups(batch.sequences[:, :end], batch.attention_mask[:, :end],
+                                  {k: r[:, :end] for k, r in routing.items()}, None, batch.prompt_len - 1)
+    assert len(first) == 4 and len(set(owner[4:].tolist())) == 3
+    model.train()
+    try:
+        _assert_same(*_shared_and_whole(model, batch), batch.completion_mask)
+    finally:
+        model.eval()

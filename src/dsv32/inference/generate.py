@@ -28,7 +28,7 @@ import torch
 
 from ..model import AttentionOptions, DSV32ForCausalLM, Records
 from .cache import LatentCache, StaticLatentCache
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, row_uniforms, sample_next
 
 StreamCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -249,11 +249,13 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     kept: list[torch.Tensor | None] = []
+    # Every step's per-row draw in one call (the values sample_next would make step by step).
+    draws = None if seeds is None or params.greedy else row_uniforms(seeds, torch.arange(max_new_tokens, device=device))
     for step in range(max_new_tokens):
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
             logits = logits.clone()
             logits[:, vocab_limit:] = float("-inf")     # ids the tokenizer cannot decode
-        s = sample_next(logits, params, seeds, step)
+        s = sample_next(logits, params, uniforms=None if draws is None else draws[:, step])
         live = ~finished
         tokens[:, step] = torch.where(live, s.tokens, pad)
         logprobs[:, step] = torch.where(live, s.logprob, 0.0)

@@ -76,12 +76,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """U[0, 1) float64 (B,) from per-row int64 seeds (B,) and a step counter: the value of row b
-    depends on (seeds[b], step) only, not on the batch (53 random bits each)."""
+def row_uniforms(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """U[0, 1) float64 from per-row int64 seeds (B,) and a step counter: the value of row b
+    depends on (seeds[b], step) only, not on the batch (53 random bits each). step: an int ->
+    (B,); int64 steps (S,) -> (B, S), every step of a generation in one call (the same values)."""
     key = _mix32(_mix32((seeds >> 32) & _MASK32) ^ (seeds & _MASK32))
-    hi = _mix32(key ^ _mix32(torch.full_like(key, (2 * step) & _MASK32)))
-    lo = _mix32(key ^ _mix32(torch.full_like(key, (2 * step + 1) & _MASK32)))
+    step = torch.as_tensor(step, dtype=torch.long, device=seeds.device)
+    if step.dim():
+        key = key[:, None]
+    hi = _mix32(key ^ _mix32((2 * step) & _MASK32))
+    lo = _mix32(key ^ _mix32((2 * step + 1) & _MASK32))
     return ((hi << 21) + (lo >> 11)).double() * 2.0 ** -53
 
 
@@ -122,10 +126,11 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor | None = None,
-                step: int = 0) -> Sample:
+                step: int = 0, uniforms: torch.Tensor | None = None) -> Sample:
     """Draw one token per row of `logits` (B, V). seeds: int64 (B,), one per row, with `step`
     the position in the row's random stream (for draws that do not depend on the batch a
-    prompt sits in); None draws from the global generator."""
+    prompt sits in); None draws from the global generator. uniforms: the draws (B,) float64
+    themselves, `row_uniforms(seeds, step)` computed ahead (generate makes all steps' at once)."""
     logits = logits.float()
     B = logits.shape[0]
     if params.greedy:
@@ -138,8 +143,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tenso
     if not bool(torch.isfinite(torch.logsumexp(scaled, -1)).all()):
         raise FloatingPointError("the model's logits hold NaN or inf: its weights or activations overflowed "
                                  f"(temperature {params.temperature})")
-    u = torch.rand(B, dtype=torch.float64, device=logits.device) if seeds is None else \
-        row_uniforms(seeds.to(logits.device), step)
+    if uniforms is not None:
+        u = uniforms.to(device=logits.device, dtype=torch.float64)
+    elif seeds is not None:
+        u = row_uniforms(seeds.to(logits.device), step)
+    else:
+        u = torch.rand(B, dtype=torch.float64, device=logits.device)
     if not params.truncates:                           # no kept set to find: no sort either
         tokens = inverse_cdf(full_logp.exp(), u)[:, None]
         full = full_logp.gather(-1, tokens).squeeze(-1)

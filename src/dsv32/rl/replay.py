@@ -47,6 +47,16 @@ mismatch the stabiliser removes, visible as a ratio below 1 before any update, s
 low-side clipping and a positive off-policy statistic. Swapping in the untruncated log-prob as
 pi_old would hide that mismatch by comparing with a policy that did not generate the data.
 
+Shared prompts (share_prefix, on by default). A GRPO batch holds each prompt G times, and the
+prompt is most of a sequence when answers are short (35 of 42 slots in benchmarks/grpo_vs_trl.py).
+Slots 0 .. P-2 of rows with the same prompt, mask and replayed records there compute the same
+values (the forward is causal), so the pass runs each distinct prefix once, keeps its latent
+rows in a growing `LatentCache`, copies them to the rows that hold the prefix and runs the last
+prompt slot and the completions over them, as decoding continues a prefill. Values and
+gradients are those of the whole-row pass to float rounding (tests/rl/test_replay.py); the
+reference pass and each update cost about P + G N token-forwards per group instead of
+G (P + N - 1).
+
 Left out on purpose: fusing the LM head with the log-prob (the vocabulary here is small; the
 chunked log-prob path bounds the float temporaries for large ones).
 """
@@ -55,6 +65,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inference.cache import LatentCache
 from ..model import DSV32ForCausalLM, Records
 from .logprobs import token_logprobs
 from .rollout import Rollout
@@ -71,10 +82,13 @@ def policy_logprobs(
     keep_sampling_mask: bool = True,
     keep_selection: bool = False,
     keep_prompt_selection: bool = False,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log pi(completion tokens) under `model`, replaying the sampler's records as switched.
 
     temperature: the sampling temperature (> 0); logits are divided by it, as the sampler did.
+    share_prefix: run a prompt held by several rows once (see the module docstring); False
+    runs every row whole (the reference the shared pass is tested against).
     Returns (logp (B, N) float32, differentiable when grad is enabled; the tempered logits
     (B, N, V) for diagnostics; the kept ids used (B, N, K) or None).
     """
@@ -102,9 +116,13 @@ def policy_logprobs(
         prompt = batch.prompt_selection if keep_prompt_selection else {}
         indices = {layer: _replay_rows(completion.get(layer), prompt.get(layer), batch.size, P, N)
                    for layer in sorted({*completion, *prompt})}
-    out = model(batch.sequences[:, :end], attention_mask=batch.attention_mask[:, :end],
-                records=Records(replay_routing=routing, replay_indices=indices), logits_to_keep=N)
-    logits = out.logits.float() / temperature                                # (B, N, V)
+    ids, mask = batch.sequences[:, :end], batch.attention_mask[:, :end]
+    if share_prefix and P > 1 and _can_share(model):
+        logits = _prefix_shared_logits(model, ids, mask, routing, indices, P, N)
+    else:
+        logits = model(ids, attention_mask=mask, records=Records(replay_routing=routing, replay_indices=indices),
+                       logits_to_keep=N).logits
+    logits = logits.float() / temperature                                    # (B, N, V)
     kept = batch.kept if keep_sampling_mask else None
     chunk = max(1, _LOGPROB_CHUNK_BYTES // (4 * logits.shape[-1]))
     logp = token_logprobs(logits, batch.tokens, kept, chunk_size=chunk)     # (B, N)
@@ -125,3 +143,56 @@ def _replay_rows(completion: torch.Tensor | None, prompt: torch.Tensor | None, B
         return torch.nn.functional.pad(t[:, :rows], (0, K - t.shape[-1]), value=-1)
 
     return torch.cat((part(prompt, P - 1), part(completion, N)), dim=1)
+
+
+def _can_share(model: DSV32ForCausalLM) -> bool:
+    """The shared pass hands the prompt's latent rows to the completion through a growing
+    `LatentCache`; a model with its own cache layout, or one that recomputes blocks in the
+    backward (which a cache write would repeat), runs every row whole."""
+    return not hasattr(model, "new_cache") and not (model.activation_checkpointing and torch.is_grad_enabled())
+
+
+def _prefix_groups(ids: torch.Tensor, mask: torch.Tensor, routing: dict[int, torch.Tensor] | None,
+                   indices: dict[int, torch.Tensor] | None, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose first L input slots are the same computation: equal tokens and mask, and equal
+    replayed routing and key slots there. Returns (first (U,) one row of each distinct prefix,
+    owner (B,) which of them each row holds). Replayed key slots (layers x K per slot, large at
+    scale) refine the grouping one layer at a time, so no more than one layer's copy is made."""
+    B = ids.shape[0]
+    parts = [ids[:, :L], mask[:, :L].long()]
+    parts += [t[:, :L].reshape(B, -1).long() for _, t in sorted((routing or {}).items())]
+    distinct, owner = torch.unique(torch.cat(parts, dim=1), dim=0, return_inverse=True)
+    for _, t in sorted((indices or {}).items()):
+        rows = t[:, :L].reshape(B, -1)
+        distinct, owner = torch.unique(torch.cat((owner[:, None].to(rows.dtype), rows), dim=1), dim=0,
+                                       return_inverse=True)
+    first = torch.full((distinct.shape[0],), B, dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, owner, torch.arange(B, device=ids.device), reduce="amin")
+    return first, owner
+
+
+def _prefix_shared_logits(model: DSV32ForCausalLM, ids: torch.Tensor, mask: torch.Tensor,
+                          routing: dict[int, torch.Tensor] | None, indices: dict[int, torch.Tensor] | None,
+                          P: int, N: int) -> torch.Tensor:
+    """The logits (B, N, V) of the last N slots of `ids` (B, P + N - 1), computing each distinct
+    prefix (slots 0 .. P-2) once: a forward over the U prefixes fills a latent cache, whose rows
+    are then copied to their B owners (a differentiable index, so each prefix's gradient is the
+    sum over the rows that hold it), and a second forward runs slots P-1 .. over them, exactly
+    as a decode continues a prefill. Always these two forward calls, whatever U: under FSDP
+    every rank must make the same calls."""
+
+    def cols(records: dict[int, torch.Tensor] | None, rows, sl: slice) -> dict[int, torch.Tensor] | None:
+        return None if records is None else {layer: t[rows, sl] for layer, t in records.items()}
+
+    L = P - 1
+    first, owner = _prefix_groups(ids, mask, routing, indices, L)
+    cache = LatentCache(model.config)
+    # The prefix pass's own logits are never read: keep one slot's.
+    model(ids[first, :L], attention_mask=mask[first, :L], cache=cache, logits_to_keep=1,
+          records=Records(replay_routing=cols(routing, first, slice(0, L)),
+                          replay_indices=cols(indices, first, slice(0, L))))
+    cache.select_rows(owner)
+    every = slice(None)
+    return model(ids[:, L:], attention_mask=mask[:, L:], cache=cache,
+                 records=Records(replay_routing=cols(routing, every, slice(L, None)),
+                                 replay_indices=cols(indices, every, slice(L, None)))).logits   # (B, N, V)

@@ -217,7 +217,8 @@ def collect_rollout(
     if not examples:
         raise ValueError("no examples to roll out")
     rows = [ex for ex in examples for _ in range(group_size)]
-    ids = [encode_prompt(tokenizer, ex.prompt) for ex in rows]
+    encoded = [encode_prompt(tokenizer, ex.prompt) for ex in examples]       # once per prompt
+    ids = [p for p in encoded for _ in range(group_size)]
     was_training = model.training
     model.eval()
     try:
