@@ -18,9 +18,10 @@ quality (`dsv32.training.recall_study` with family "llama"):
    T/16 (k read at call time), at T and 2T: answer accuracy, answer NLL, needle selected per
    layer, recall of the dense attention mass. Sparse training also trains the main model on
    the answers, so dense is scored twice: as converted, and continued dense for as many steps
-   on the same batches (the equal-training baseline; the targets are checked against both). The held-out LM loss is the answer NLL: with
-   answer-only labels it is exactly the model's LM loss on MQAR (every other position is
-   unlabelled filler). Then the trainer's step time, dense vs sparse.
+   on the same batches (the equal-training baseline; the targets are checked against both).
+   The held-out LM loss is the answer NLL: with answer-only labels it is exactly the model's
+   LM loss on MQAR (every other position is unlabelled filler). Then step times, dense vs
+   sparse.
 Targets (issue 15): converted sparse at k = T/8 within 2 points of dense on accuracy and within
 2% of its loss.
 
@@ -93,12 +94,14 @@ def quality(args: argparse.Namespace) -> dict:
                 if fraction == sizes.fractions[0] and stage.endswith("sparse training"):
                     verdict = (f" [targets: within 2 points {'met' if points >= -2 else 'MISSED'}, "
                                f"within 2% {'met' if loss <= 2 else 'MISSED'}]")
-                line.append(f"vs {name} {points:+.1f} points, loss {loss:+.1f}%{verdict}")
+                line.append(f"vs {name} {points:+.1f} points, loss {loss:+.1f}% "
+                            f"({r['answer_nll'] - base['answer_nll']:+.4f} nats){verdict}")
             print(f"{stage}, k={k} (T/{fraction}): " + "; ".join(line))
     st, fb = result["step_s"], result["fwd_bwd_s"]
     print(f"median trainer step: dense {st['dense_train']:.3f} s, warm-up {st['warmup_train']:.3f} s, sparse "
-          f"{st['sparse_train']:.3f} s (with the indexer KL); forward+backward of one batch: dense {fb['dense']:.4f} s, "
-          f"sparse k=T/8 {fb['sparse']:.4f} s; stage seconds {({k: round(v, 1) for k, v in result['seconds'].items()})}")
+          f"{st['sparse_train']:.3f} s (with the indexer KL); forward+backward of one batch: dense "
+          f"{fb['dense']:.4f} s, sparse k=T/8 {fb['sparse']:.4f} s; stage seconds "
+          f"{({k: round(v, 1) for k, v in result['seconds'].items()})}")
     print(f"wall {time.perf_counter() - start:.0f} s; load after: {os.getloadavg()}")
     if args.out:
         out = Path(args.out)
