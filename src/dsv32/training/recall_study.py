@@ -48,7 +48,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-
 from torch import nn
 
 from ..config import ModelConfig
