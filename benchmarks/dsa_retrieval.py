@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from dsv32.training.recall_study import RecallStudy, StudySizes, by_distance, format_table
+from dsv32.training.recall_study import CONTINUED, RecallStudy, StudySizes, by_distance, format_table
 
 QUICK = StudySizes(seq_len=128, num_pairs=8, vocab_size=64, batch_size=16, dense_steps=2000, check_every=50,
                    curriculum=((32, 2), (64, 4)), warmup_steps=60, sparse_steps=60, eval_examples=32)
@@ -92,7 +92,7 @@ def main() -> int:
     at_t = [r for r in result["rows"] if r["length"] == sizes.seq_len]
     sparse8 = next(r for r in at_t if r["stage"] == "sparse, after sparse training")
     control8 = next(r for r in at_t if r["stage"].endswith("(control)"))
-    longer = next(r for r in at_t if r["stage"].startswith("dense, "))
+    longer = next(r for r in at_t if r["stage"] == CONTINUED)
     print(f"\ndense accuracy {dense['accuracy']:.3f} (target {sizes.target}) after {result['dense_steps_run']} steps; "
           f"sparse at k=T/8 {sparse8['accuracy']:.3f} ({100 * (sparse8['accuracy'] - dense['accuracy']):+.1f} points; "
           f"target within 2); dense trained as long as the sparse stages {longer['accuracy']:.3f} (sparse "
@@ -109,7 +109,7 @@ def main() -> int:
         k = sizes.seq_len // sizes.fractions[0]
         from dsv32 import AttentionOptions
         for name, model, attention in (("dense", study.models["dense"], AttentionOptions(sparse=False)),
-                                       ("control", study.models["dense"], AttentionOptions(sparse=True, topk=k)),
+                                       ("control", study.models["control"], AttentionOptions(sparse=True, topk=k)),
                                        ("sparse", study.models["sparse"], AttentionOptions(sparse=True, topk=k))):
             cells = [c for n, (ids, labels) in study.held_out.items()
                      for c in by_distance(model, ids, labels, sizes.num_pairs, attention=attention)]

@@ -130,4 +130,4 @@ def test_recall_study_walks_the_curriculum_then_converts():
     assert [(t, n) for _, t, n, _ in result["dense_curve"]] == [(16, 2), (32, 2), (64, 4), (64, 4)]
     assert result["dense_final_stage"] and result["dense_steps_run"] == 4
     stages = {r["stage"] for r in result["rows"]}
-    assert {"dense", "sparse, after sparse training", "dense, +1 steps"} <= stages and len(result["rows"]) == 10
+    assert {"dense", "sparse, after sparse training", "dense, continued as long as sparse training"} <= stages and len(result["rows"]) == 10

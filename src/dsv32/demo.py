@@ -255,7 +255,7 @@ def _recall(folder: Path, sizes: DemoSizes) -> dict[str, Any]:
     result = study.run()
     k = s.seq_len // s.fractions[0]
     for name, model, attention in (("dense", study.models["dense"], AttentionOptions(sparse=False)),
-                                   ("control", study.models["dense"], AttentionOptions(sparse=True, topk=k)),
+                                   ("control", study.models["control"], AttentionOptions(sparse=True, topk=k)),
                                    ("sparse", study.models["sparse"], AttentionOptions(sparse=True, topk=k))):
         cells = [c for ids, labels in study.held_out.values()
                  for c in by_distance(model.eval(), ids, labels, s.num_pairs, attention=attention)]

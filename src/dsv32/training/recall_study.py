@@ -5,6 +5,12 @@ retrieves, convert it with the two DSA stages, and score every stage at several 
     result = study.run()                    # dict: stages, the table rows, step times
     print(format_table(result))
 
+Two model families (`StudySizes.family`): "mla", dsv32's own model (MLA, its indexer built in
+from the start and idle while attention is dense), and "llama", a dense grouped-query model of
+the Llama architecture (`model.gqa.GQAForCausalLM`) trained with no indexer at all, which gets
+one attached after dense training (`checkpoint.hf_dense.attach_indexer`: the retrofit of a
+checkpoint people already have). Everything after that is the same for both.
+
 Stages, each through the shared `Trainer`:
 
 1. dense: `LanguageModeling` with dense attention on answer-only MQAR batches, through the
@@ -12,13 +18,14 @@ Stages, each through the shared `Trainer`:
    on the current one reaches `stage_target`), until the held-out answer accuracy at the final
    (T, N) reaches `target` (checked every `check_every` steps) or `dense_steps` run out;
 2. control: that model with sparse attention and its untrained indexer — what top-k keeps
-   by luck;
+   by luck (for "llama", the indexer as `attach_indexer` starts it, a low-rank copy of one kv
+   group's attention);
 3. warm-up: `dsa.IndexerWarmup` (main model frozen, indexer KL to the dense attention);
 4. sparse: `dsa.SparseTraining` at k = T/8 (LM loss on the answers for the main model, KL on
    the selected set for the indexer);
-5. dense, as long: the dense model trained `sparse_steps` more steps at the same lr with dense
-   attention — sparse training also trains the main model on the task, so this is the dense
-   row the converted model is fairly compared with.
+5. with `continue_dense` (on by default), the equal-training baseline: the dense model trained `sparse_steps`
+   more steps dense, on the same batches and learning rate as stage 4 (stage 4 trains the main
+   model too, so its loss is compared with this one as well as with the model it started from).
 
 Each is scored on one fixed held-out batch (`evaluate.mqar_eval`) at k = T/8, T/16, T/32
 (top-k chosen at call time, `AttentionOptions.topk`): answer accuracy, answer NLL, needle
@@ -41,9 +48,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..model import AttentionOptions, DSV32ForCausalLM
+from ..model.gqa import GQAForCausalLM
+from ..model.gqa_config import DenseConfig, IndexerSpec
 from ..tasks.mqar import MQAR, MQARSequences, needle_positions
 from .dsa import IndexerWarmup, SparseTraining
 from .evaluate import mqar_eval
@@ -52,6 +62,8 @@ from .objectives import LanguageModeling
 from .trainer import Trainer, TrainConfig
 
 DENSE = AttentionOptions(sparse=False)
+FAMILIES = ("mla", "llama")
+CONTINUED = "dense, continued as long as sparse training"
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,18 @@ class StudySizes:
     fractions: tuple[int, ...] = (8, 16, 32)        # k = T / fraction
     seed: int = 0
     show_answers: bool = False      # MQAR's show_answers: True lets later queries see earlier answers
+    family: str = "mla"             # "mla" (DSV32ForCausalLM) or "llama" (GQAForCausalLM, indexer retrofitted)
+    kv_heads: int | None = None     # "llama": key/value heads (None = heads); must divide heads
+    continue_dense: bool = True     # also train the dense model sparse_steps more steps, dense (stage 5)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        kv = self.heads if self.kv_heads is None else self.kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.heads % kv:
+            raise ValueError(f"kv_heads must be a positive int dividing heads={self.heads}, got {self.kv_heads!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} must be a multiple of heads={self.heads}")
 
     def task(self, seq_len: int | None = None, num_pairs: int | None = None) -> MQAR:
         return MQAR(vocab_size=self.vocab_size, num_pairs=num_pairs or self.num_pairs, seq_len=seq_len or self.seq_len,
@@ -99,8 +123,39 @@ class StudySizes:
             num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=self.layers,
             max_position_embeddings=max(4 * self.seq_len, 4096), rope_theta=10000.0, dtype="float32")
 
+    def dense_config(self) -> DenseConfig:
+        """The "llama" family's model: `layers` Llama blocks, `heads` query / `kv_heads` kv heads
+        of hidden / heads dims, SwiGLU width 2 * hidden, untied embeddings; no indexer."""
+        h = self.hidden
+        return DenseConfig(model_type="llama", vocab_size=self.vocab_size, hidden_size=h, intermediate_size=2 * h,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.heads if self.kv_heads is None else self.kv_heads,
+                           head_dim=h // self.heads, max_position_embeddings=max(4 * self.seq_len, 4096),
+                           rope_theta=10000.0)
 
-def by_distance(model: DSV32ForCausalLM, ids: torch.Tensor, labels: torch.Tensor, num_pairs: int, *,
+    def indexer_spec(self) -> IndexerSpec:
+        """The indexer the "llama" model gets: sized to it (`IndexerSpec.for_model`), k = T/8."""
+        return IndexerSpec.for_model(self.dense_config(), topk=self.seq_len // self.fractions[0])
+
+    def build(self) -> nn.Module:
+        """The dense model of `family`, initialised from `seed`."""
+        if self.family == "llama":
+            model = GQAForCausalLM(self.dense_config(), init=False)
+        else:
+            model = DSV32ForCausalLM(self.model_config(), init=False)
+        model.init_weights(seed=self.seed)
+        return model
+
+    def retrofit(self, model: nn.Module) -> nn.Module:
+        """The trained dense model with an indexer: "mla" has one already (the model itself);
+        "llama" gets a copy with one attached (`attach_indexer`)."""
+        if self.family == "mla":
+            return model
+        from ..checkpoint.hf_dense import attach_indexer
+        return attach_indexer(model, self.indexer_spec())
+
+
+def by_distance(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, num_pairs: int, *,
                 attention: AttentionOptions, bins: int = 5, batch_size: int = 8) -> list[dict[str, Any]]:
     """Answer accuracy binned by the needle's distance back from its query, as a share of the
     length: rows {"length", "depth" (bin centre, 0 = needle just before the query), "n",
@@ -154,7 +209,7 @@ class RecallStudy:
         data = data or MQARSequences(self.sizes.task(), seed=self.sizes.seed)
         return Trainer(model, objective, data, self._config(steps, lr, overrides), None).fit(stop=stop)
 
-    def evaluate(self, model: DSV32ForCausalLM, label: str, attention_for_k) -> list[dict[str, Any]]:
+    def evaluate(self, model: nn.Module, label: str, attention_for_k) -> list[dict[str, Any]]:
         """Rows {stage, length, k, accuracy, answer_nll, needle_selected, indexer_recall} at T and 2T."""
         s = self.sizes
         rows = []
@@ -179,8 +234,7 @@ class RecallStudy:
         # one held-out batch per stage (the last is the final task's, as scored below)
         checks = [s.task(t, n).batch(torch.Generator().manual_seed(20_000 + s.seed + i), s.eval_examples)
                   for i, (t, n) in enumerate(s.stages()[:-1])] + [self.held_out[s.seq_len]]
-        model = DSV32ForCausalLM(s.model_config(), init=False)
-        model.init_weights(seed=s.seed)
+        model = s.build()
         curve: list[tuple[int, int, int, float]] = []            # (step, stage T, stage N, held-out accuracy)
 
         def reached(record: dict[str, Any]) -> bool:
@@ -202,9 +256,18 @@ class RecallStudy:
         seconds = {"dense": time.perf_counter() - start}
         sparse_at = lambda k: AttentionOptions(sparse=True, topk=k)          # noqa: E731
         rows = self.evaluate(model, "dense", None)
-        rows += self.evaluate(model, "sparse, untrained indexer (control)", sparse_at)
+        self.models = {"dense": model}
+        if s.continue_dense:
+            longer = copy.deepcopy(model)
+            start = time.perf_counter()
+            self._train(longer, LanguageModeling(), s.sparse_steps, s.sparse_lr)
+            seconds["dense_continued"] = time.perf_counter() - start
+            rows += self.evaluate(longer, CONTINUED, None)
+            self.models["dense_continued"] = longer
+        converted = s.retrofit(model)
+        rows += self.evaluate(converted, "sparse, untrained indexer (control)", sparse_at)
 
-        warm = copy.deepcopy(model)
+        warm = copy.deepcopy(converted)
         start = time.perf_counter()
         warm_hist = self._train(warm, IndexerWarmup(), s.warmup_steps, s.warmup_lr)
         seconds["warmup"] = time.perf_counter() - start
@@ -217,15 +280,7 @@ class RecallStudy:
         seconds["sparse"] = time.perf_counter() - start
         rows += self.evaluate(sparse, "sparse, after sparse training", sparse_at)
 
-        # sparse training also trains the main model on the task: the fair dense row has had as many
-        # more steps, at the same lr, with dense attention
-        longer = copy.deepcopy(model)
-        start = time.perf_counter()
-        self._train(longer, LanguageModeling(), s.sparse_steps, s.sparse_lr)
-        seconds["dense_longer"] = time.perf_counter() - start
-        rows += self.evaluate(longer, f"dense, +{s.sparse_steps} steps", None)
-
-        self.models = {"dense": model, "warm": warm, "sparse": sparse, "dense_longer": longer}
+        self.models.update(control=converted, warm=warm, sparse=sparse)
         self.result = {"sizes": asdict(s), "rows": rows, "dense_curve": curve, "dense_steps_run": len(dense_hist),
                        "dense_final_stage": data.last_stage,
                        "seconds": seconds, "step_s": {
@@ -235,7 +290,7 @@ class RecallStudy:
                        "fwd_bwd_s": self.time_forward_backward(sparse)}
         return self.result
 
-    def time_forward_backward(self, model: DSV32ForCausalLM) -> dict[str, float]:
+    def time_forward_backward(self, model: nn.Module) -> dict[str, float]:
         """Median seconds of one forward+backward of the LM loss on a training batch, dense and
         sparse (k = T/8), same weights."""
         s = self.sizes
