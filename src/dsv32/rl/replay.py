@@ -148,7 +148,12 @@ def _replay_rows(completion: torch.Tensor | None, prompt: torch.Tensor | None, B
 def _can_share(model: DSV32ForCausalLM) -> bool:
     """The shared pass hands the prompt's latent rows to the completion through a growing
     `LatentCache`; a model with its own cache layout, or one that recomputes blocks in the
-    backward (which a cache write would repeat), runs every row whole."""
+    backward (which a cache write would repeat), runs every row whole. So does a model sharded
+    with FSDP2: two forwards of its blocks inside one backward crashed the process (SIGSEGV in
+    the backward, torch 2.13, gloo, tests/training/test_distributed.py)."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules()):
+        return False
     return not hasattr(model, "new_cache") and not (model.activation_checkpointing and torch.is_grad_enabled())
 
 
