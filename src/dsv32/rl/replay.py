@@ -149,8 +149,9 @@ def _can_share(model: DSV32ForCausalLM) -> bool:
     """The shared pass hands the prompt's latent rows to the completion through a growing
     `LatentCache`; a model with its own cache layout, or one that recomputes blocks in the
     backward (which a cache write would repeat), runs every row whole. So does a model sharded
-    with FSDP2: two forwards of its blocks inside one backward crashed the process (SIGSEGV in
-    the backward, torch 2.13, gloo, tests/training/test_distributed.py)."""
+    with FSDP2: there the shared pass (two forwards of its blocks feeding one backward) crashed
+    the process (SIGSEGV in the backward, torch 2.13, gloo, tests/training/test_distributed.py;
+    the cause inside torch was not traced)."""
     from torch.distributed.fsdp import FSDPModule
     if isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules()):
         return False
