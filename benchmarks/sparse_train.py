@@ -1,17 +1,19 @@
 """Sparse training at few heads: the LM forward+backward of the `small` preset (4 heads,
-index_topk 256) under DSA against dense causal attention, and where the sparse attention
-kernel starts to beat dense attention as the head count grows.
+index_topk 256) under DSA against dense causal attention, and where each way of computing the
+sparse attention beats the others as the head count grows.
 
     python benchmarks/sparse_train.py                           # T = 2K, 4K, 8K; crossover table
     python benchmarks/sparse_train.py --lengths 2048 --heads 4 --crossover-lengths 1024 2048 --reps 1
 
 Table 1: one forward + backward of the LM loss alone (no indexer loss), batch 1, per length:
-dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, torch backend), and
-their ratio. Table 2: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
-backward: dense causal SDPA over expanded heads vs the sparse absorbed kernel over k = 256 selected
-latent rows per query (a causal random selection), and which is faster. Times are medians of
-`--reps` in this process's CPU time (the machine is shared; wall time swings with its load), one
-thread.
+dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, `backend="auto"`: on
+CPU the gather kernel or the dense-masked path by the kernels' cost rule), and their ratio.
+Table 2: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
+backward: dense causal SDPA over expanded heads, and the sparse absorbed attention over k = 256
+selected latent rows per query (a causal random selection) by the gather kernel and by the
+dense-masked path, and which of the two the cost rule (`kernels.choose_masked`) picks. Times are
+medians of `--reps` in this process's CPU time (the machine is shared; wall time swings with its
+load), one thread.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_common import markdown_table  # noqa: E402
 
 from dsv32 import AttentionOptions, DSV32ForCausalLM, ModelConfig  # noqa: E402
-from dsv32.kernels import sparse_mla_absorbed  # noqa: E402
+from dsv32.kernels import choose_masked, sparse_mla_absorbed  # noqa: E402
 from dsv32.training.losses import lm_loss  # noqa: E402
 
-DENSE, SPARSE = AttentionOptions(sparse=False), AttentionOptions(sparse=True, backend="torch")
+DENSE, SPARSE = AttentionOptions(sparse=False), AttentionOptions(sparse=True, backend="auto")
 
 
 def cpu_time(fn, reps: int) -> float:
@@ -70,7 +72,8 @@ def lm_table(lengths: list[int], reps: int) -> str:
     return markdown_table(["T", "dense ms", "sparse ms", "sparse / dense"], rows)
 
 
-def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float]:
+def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float, float, bool]:
+    """CPU seconds of dense causal, sparse gather and sparse masked attention, and the rule's pick."""
     cfg = ModelConfig.preset("small")
     d_n, d_r, d_v, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     gen = torch.Generator().manual_seed(0)
@@ -91,10 +94,11 @@ def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float]:
     top = scores.topk(min(k, T), dim=-1)
     indices = torch.where(top.values < 0, -1, top.indices)[None]
 
-    def sparse():
-        sparse_mla_absorbed(q_n, q_r, kv, indices, w_uk, w_uv, 0.1, backend="torch").sum().backward()
+    def sparse(backend):
+        return lambda: sparse_mla_absorbed(q_n, q_r, kv, indices, w_uk, w_uv, 0.1, backend=backend).sum().backward()
 
-    return cpu_time(dense, reps), cpu_time(sparse, reps)
+    picks_masked = choose_masked(T, T, H, k, d_n + d_r, d_v, r + d_r)
+    return cpu_time(dense, reps), cpu_time(sparse("torch"), reps), cpu_time(sparse("masked"), reps), picks_masked
 
 
 def crossover_table(lengths: list[int], heads: list[int], k: int, reps: int) -> str:
@@ -102,11 +106,14 @@ def crossover_table(lengths: list[int], heads: list[int], k: int, reps: int) -> 
     for H in heads:
         cells = [str(H)]
         for T in lengths:
-            dense, sparse = attention_times(T, H, k, reps)
-            cells.append(f"{dense * 1e3:.0f} / {sparse * 1e3:.0f} ({dense / sparse:.2f}x)")
-            print(f"  H={H} T={T}: dense {dense:.3f} s, sparse {sparse:.3f} s", flush=True)
+            dense, gather, masked, picks_masked = attention_times(T, H, k, reps)
+            won = "masked" if masked < gather else "gather"
+            rule = "masked" if picks_masked else "gather"
+            cells.append(f"{dense * 1e3:.0f} / {gather * 1e3:.0f} / {masked * 1e3:.0f} ({won}; rule: {rule})")
+            print(f"  H={H} T={T}: dense {dense:.3f} s, gather {gather:.3f} s, masked {masked:.3f} s, "
+                  f"rule picks {rule}", flush=True)
         rows.append(cells)
-    return markdown_table(["H", *(f"T={T}: dense / sparse ms (speed-up)" for T in lengths)], rows)
+    return markdown_table(["H", *(f"T={T}: dense / gather / masked ms" for T in lengths)], rows)
 
 
 def main() -> None:
