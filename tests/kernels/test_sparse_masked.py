@@ -46,21 +46,32 @@ def test_sparse_mla_masked_matches_reference_and_gather(B, T, S, H, seed):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_chunks_reach_only_selected_keys(small_chunks):
-    """Causal selections: later chunks score more keys; every chunk's result matches the reference."""
+@pytest.mark.parametrize("S", [10, 13])
+def test_causal_call_and_chunks_match_reference(S, small_chunks):
+    """S == T with a causal selection: one causal SDPA call; S > T (queries after a cache): chunks,
+    each scoring keys only up to its largest selected slot. Both equal the reference."""
     T, H, C, dv = 10, 2, 6, 4
     g = torch.Generator().manual_seed(3)
-    q, kv = torch.randn(1, T, H, C, generator=g), torch.randn(1, T, C, generator=g)
-    causal = torch.rand(T, T, generator=g).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -1.0)
+    q, kv = torch.randn(1, T, H, C, generator=g), torch.randn(1, S, C, generator=g)
+    causal = torch.rand(T, S, generator=g).masked_fill(torch.ones(T, S, dtype=torch.bool).triu(S - T + 1), -1.0)
     top = causal.topk(4, dim=-1)
     idx = torch.where(top.values < 0, -1, top.indices)[None]
-    chunks = list(torch_masked._chunks(idx, T))
-    assert [(t0, t1) for t0, t1, _ in chunks] == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert all(n_keys <= t1 for _, t1, n_keys in chunks)          # never past the chunk's last query
+    calls = list(torch_masked._chunks(idx, S))
+    if S == T:
+        assert calls == [(0, T, S, True)]
+    else:
+        assert [(t0, t1, c) for t0, t1, _, c in calls] == [(0, 3, False), (3, 6, False), (6, 9, False), (9, 10, False)]
+        assert all(n_keys <= S - T + t1 for _, t1, n_keys, _ in calls)     # never past the chunk's last query
     out, lse = kernels.sparse_mla(q, kv, idx, 0.5, dv, backend="masked")
     ref, ref_lse = kernels.sparse_mla(q, kv, idx, 0.5, dv, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_non_causal_selection_is_chunked():
+    """A selection that reaches past its query (e.g. replayed slots) never takes the causal call."""
+    idx = torch.tensor([[[0, 2], [1, -1], [2, 0]]])              # query 0 selects slot 2
+    assert [c for *_, c in torch_masked._chunks(idx, 3)] == [False]
 
 
 def absorbed_inputs(seed, B=2, T=7, S=7, H=3, d_n=6, d_r=4, d_v=5, r=8, K=4):
@@ -73,11 +84,11 @@ def absorbed_inputs(seed, B=2, T=7, S=7, H=3, d_n=6, d_r=4, d_v=5, r=8, K=4):
     return leaves, torch.where(top.values < 0, -1, top.indices)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_expanded_masked_form_matches_absorbed_gather(seed, small_chunks):
+@pytest.mark.parametrize("seed,S", [(0, 7), (1, 9)])       # one causal call; chunks after a cache
+def test_expanded_masked_form_matches_absorbed_gather(seed, S, small_chunks):
     """`sparse_mla_absorbed` on the masked path (expanded per-head keys/values) equals the gather
     kernel and the reference, values and gradients of all five inputs."""
-    leaves, idx = absorbed_inputs(seed)
+    leaves, idx = absorbed_inputs(seed, S=S)
     dout = torch.randn(2, 7, 3, 5, generator=torch.Generator().manual_seed(seed))
     grads = {}
     for backend in ("masked", "torch", "reference"):

@@ -17,8 +17,9 @@ Two forms, both over the same selection:
   [c_kv W_uk^T ; k_r] and values c_kv W_uv^T (zero-padded to the key dim, for the fused kernel),
   cheaper when d_n + d_r + d_v < 2C (every preset: the latent rank r exceeds the per-head dims).
 
-Queries go in chunks of `_QUERY_CHUNK`; a chunk only scores keys up to its largest selected slot
-(causal selections skip most of the upper triangle). A query with no selected key gets output 0
+In training (S == T, a causal selection) one SDPA call covers all queries with the kernel's causal
+block skipping on top of the mask; otherwise queries go in chunks of `_QUERY_CHUNK`, and a chunk
+only scores keys up to its largest selected slot. A query with no selected key gets output 0
 and lse -inf, as in the gather kernel. Selections never repeat a slot; a repeated slot would count
 once here and twice in the gather kernel. Leaves out: anything but float32 math on CPU (other
 devices run SDPA with a boolean mask and compute the lse separately).
@@ -29,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_QUERY_CHUNK = 256   # queries per SDPA call: the masked upper triangle costs ~chunk/(2T) extra
+_QUERY_CHUNK = 256                 # queries per SDPA call: the masked upper triangle costs ~chunk/(2T) extra
+_MASK_BUDGET_BYTES = 64 * 2**20    # the one-call causal form's (B, T, S) float32 mask
 
 
 def _chunk_mask(idx: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,13 +46,15 @@ def _chunk_mask(idx: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Ten
     return mask[:, None], has_key
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, n, D), k/v (B, H, S, D), additive mask (B, 1, n, S) -> out (B, H, n, D), lse (B, H, n)."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, n, D), k/v (B, H, S, D), additive mask (B, 1, n, S) -> out (B, H, n, D), lse (B, H, n).
+    `causal` (n == S, key j visible to query i only if j <= i) lets the kernel skip whole blocks
+    above the diagonal; the mask already says the same, so the result does not change."""
     if q.device.type == "cpu" and q.dtype == torch.float32:
         # The fused CPU flash kernel returns the log-sum-exp with the output (and has a backward).
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
     with torch.no_grad():
         lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale + mask, dim=-1)
@@ -58,11 +62,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _chunks(indices: torch.Tensor, S: int):
-    """(t0, t1, n_keys): query chunks and the keys each can reach (1 + its largest selected slot)."""
-    T = indices.shape[1]
+    """(t0, t1, n_keys, causal): the SDPA calls. One causal call over all T queries when the
+    selection is causal with queries at slots 0..T-1 (training: S == T, every slot <= its query)
+    and the mask fits `_MASK_BUDGET_BYTES`; else chunks of `_QUERY_CHUNK` queries, each scoring
+    the keys up to its largest selected slot."""
+    B, T, _ = indices.shape
+    if T == S and B * T * S * 4 <= _MASK_BUDGET_BYTES and \
+            bool((indices <= torch.arange(T, device=indices.device)[:, None]).all()):
+        yield 0, T, S, True
+        return
     for t0 in range(0, T, _QUERY_CHUNK):
         t1 = min(T, t0 + _QUERY_CHUNK)
-        yield t0, t1, max(1, min(S, int(indices[:, t0:t1].max()) + 1))
+        yield t0, t1, max(1, min(S, int(indices[:, t0:t1].max()) + 1)), False
 
 
 def sparse_mla_masked(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float,
@@ -74,10 +85,10 @@ def sparse_mla_masked(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
     compute = torch.float32 if q.device.type == "cpu" else q.dtype
     qc, kvc = q.to(compute), kv.to(compute)
     outs, lses = [], []
-    for t0, t1, n_keys in _chunks(indices, S):
+    for t0, t1, n_keys, causal in _chunks(indices, S):
         mask, has_key = _chunk_mask(indices[:, t0:t1], n_keys)
         k = kvc[:, None, :n_keys].expand(B, H, n_keys, C)
-        o, lse = _attend(qc[:, t0:t1].transpose(1, 2), k, k, mask, scale)
+        o, lse = _attend(qc[:, t0:t1].transpose(1, 2), k, k, mask, scale, causal)
         outs.append(o[..., :dv].transpose(1, 2) * has_key[:, :, None, None].to(compute))
         lses.append(lse.transpose(1, 2).float().masked_fill(~has_key[..., None], float("-inf")))
     return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1).detach()
@@ -100,9 +111,9 @@ def absorb_attend_masked(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor,
         values = F.pad(values, (0, dk - d_v))
     q = torch.cat((q_n, q_r), dim=-1).to(compute).transpose(1, 2)                  # (B, H, T, dk)
     outs = []
-    for t0, t1, n_keys in _chunks(indices, S):
+    for t0, t1, n_keys, causal in _chunks(indices, S):
         mask, has_key = _chunk_mask(indices[:, t0:t1], n_keys)
-        o, _ = _attend(q[:, :, t0:t1], keys[:, :, :n_keys], values[:, :, :n_keys], mask, scale)
+        o, _ = _attend(q[:, :, t0:t1], keys[:, :, :n_keys], values[:, :, :n_keys], mask, scale, causal)
         outs.append(o[..., :d_v].transpose(1, 2) * has_key[:, :, None, None].to(compute))
     return torch.cat(outs, 1).to(dtype)
 
@@ -112,7 +123,7 @@ def absorb_attend_masked(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor,
 # (~_GATHER_ROW per latent column) plus H small batched matmuls over 2C columns that run at
 # ~1/_GATHER_HEAD of SDPA's rate. Fitted to the forward+backward crossovers measured on CPU
 # (`benchmarks/sparse_train.py --heads 4 16 64`; docs/math.md §3).
-_GATHER_ROW = 12.8
+_GATHER_ROW = 18.0
 _GATHER_HEAD = 0.8
 
 
@@ -120,7 +131,10 @@ def choose_masked(T: int, S: int, H: int, K: int, d_qk: int, d_v: int, C: int) -
     """True where the expanded masked path (`absorb_attend_masked`) is estimated cheaper than the
     gather kernel for T queries at the last T of S key slots, H heads, K selected slots, per-head
     key dim d_qk (= d_n + d_r), value dim d_v, latent row C."""
-    reach = max(1.0, min(S, S - T + (T + _QUERY_CHUNK) / 2))        # keys a query's chunk scores, mean
+    if T == S and T * S * 4 <= _MASK_BUDGET_BYTES:                  # one causal call: the lower triangle
+        reach = (T + 1) / 2
+    else:                                                           # keys a query's chunk scores, mean
+        reach = max(1.0, min(S, S - T + (T + _QUERY_CHUNK) / 2))
     masked = T * reach * H * (d_qk + max(d_v, d_qk))
     gather = T * min(K, S) * (_GATHER_ROW * C + _GATHER_HEAD * H * 2 * C)
     return masked < gather
