@@ -6,8 +6,9 @@ sparse attention beats the others as the head count grows.
     python benchmarks/sparse_train.py --lengths 2048 --heads 4 --crossover-lengths 1024 2048 --reps 1
 
 Table 1: one forward + backward of the LM loss alone (no indexer loss), batch 1, per length:
-dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, `backend="auto"`: on
-CPU the gather kernel or the dense-masked path by the kernels' cost rule), and their ratio.
+dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, `--backend auto`: on
+CPU the gather kernel or the dense-masked path by the kernels' cost rule; `torch`: gather only),
+and their ratio.
 Table 2: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
 backward: dense causal SDPA over expanded heads, and the sparse absorbed attention over k = 256
 selected latent rows per query (a causal random selection) by the gather kernel and by the
@@ -38,7 +39,7 @@ from dsv32 import AttentionOptions, DSV32ForCausalLM, ModelConfig  # noqa: E402
 from dsv32.kernels import choose_masked, sparse_mla_absorbed  # noqa: E402
 from dsv32.training.losses import lm_loss  # noqa: E402
 
-DENSE, SPARSE = AttentionOptions(sparse=False), AttentionOptions(sparse=True, backend="auto")
+DENSE = AttentionOptions(sparse=False)
 
 
 def cpu_time(fn, reps: int) -> float:
@@ -58,7 +59,8 @@ def lm_step(model: DSV32ForCausalLM, batch: torch.Tensor, attention: AttentionOp
     return run
 
 
-def lm_table(lengths: list[int], reps: int) -> str:
+def lm_table(lengths: list[int], reps: int, backend: str) -> str:
+    sparse_opts = AttentionOptions(sparse=True, backend=backend)
     rows = []
     for T in lengths:
         cfg = ModelConfig.preset("small", max_position_embeddings=max(T, 256))
@@ -66,7 +68,7 @@ def lm_table(lengths: list[int], reps: int) -> str:
         model.init_weights(seed=0)
         batch = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
         dense = cpu_time(lm_step(model, batch, DENSE), reps)
-        sparse = cpu_time(lm_step(model, batch, SPARSE), reps)
+        sparse = cpu_time(lm_step(model, batch, sparse_opts), reps)
         rows.append([str(T), f"{dense * 1e3:.0f}", f"{sparse * 1e3:.0f}", f"{sparse / dense:.2f}x"])
         print(f"  T={T}: dense {dense:.3f} s, sparse {sparse:.3f} s", flush=True)
     return markdown_table(["T", "dense ms", "sparse ms", "sparse / dense"], rows)
@@ -123,12 +125,15 @@ def main() -> None:
     ap.add_argument("--crossover-lengths", type=int, nargs="*", default=[512, 1024, 2048, 4096])
     ap.add_argument("--k", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backend", default="auto",
+                    help="sparse kernels of the LM table: auto (cost rule), torch (gather only), masked")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
     tables = []
     if args.lengths:
-        tables.append("LM forward+backward, `small` preset, batch 1 (CPU ms):\n\n" + lm_table(args.lengths, args.reps))
+        tables.append(f"LM forward+backward, `small` preset, batch 1, sparse backend {args.backend} (CPU ms):\n\n"
+                      + lm_table(args.lengths, args.reps, args.backend))
     if args.heads and args.crossover_lengths:
         tables.append(f"Attention alone, forward+backward, k = {args.k} (CPU ms):\n\n"
                       + crossover_table(args.crossover_lengths, args.heads, args.k, args.reps))
