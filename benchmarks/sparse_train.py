@@ -9,7 +9,7 @@ Table 1: one forward + backward of the LM loss alone (no indexer loss), batch 1,
 dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, `--backend auto`: on
 CPU the gather kernel or the dense-masked path by the kernels' cost rule; `torch`: gather only),
 and their ratio.
-Table 2: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
+Table 2 (`--selection-lengths`): the indexer's top-k selection alone. Table 3: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
 backward: dense causal SDPA over expanded heads, and the sparse absorbed attention over k = 256
 selected latent rows per query (a causal random selection) by the gather kernel and by the
 dense-masked path, and which of the two the cost rule (`kernels.choose_masked`) picks. Times are
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_common import markdown_table  # noqa: E402
 
 from dsv32 import AttentionOptions, DSV32ForCausalLM, ModelConfig  # noqa: E402
-from dsv32.kernels import choose_masked, sparse_mla_absorbed  # noqa: E402
+from dsv32.kernels import choose_masked, select_topk, sparse_mla_absorbed  # noqa: E402
 from dsv32.training.losses import lm_loss  # noqa: E402
 
 DENSE = AttentionOptions(sparse=False)
@@ -103,6 +103,22 @@ def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float, fl
     return cpu_time(dense, reps), cpu_time(sparse("torch"), reps), cpu_time(sparse("masked"), reps), picks_masked
 
 
+def selection_table(lengths: list[int], reps: int) -> str:
+    """The indexer's top-k selection alone (scores + top-k, torch backend) on the preset's indexer
+    shapes, per layer and for all layers: the part of a sparse step that dense attention never pays."""
+    cfg = ModelConfig.preset("small")
+    rows = []
+    for T in lengths:
+        gen = torch.Generator().manual_seed(T)
+        q = torch.randn(1, T, cfg.index_n_heads, cfg.index_head_dim, generator=gen)
+        w = torch.randn(1, T, cfg.index_n_heads, generator=gen)
+        k = torch.randn(1, T, cfg.index_head_dim, generator=gen)
+        one = cpu_time(lambda: select_topk(q, w, k, cfg.index_topk, backend="torch"), reps)
+        rows.append([str(T), f"{one * 1e3:.0f}", f"{one * cfg.num_hidden_layers * 1e3:.0f}"])
+        print(f"  selection T={T}: {one:.3f} s per layer", flush=True)
+    return markdown_table(["T", "per layer ms", f"{cfg.num_hidden_layers} layers ms"], rows)
+
+
 def crossover_table(lengths: list[int], heads: list[int], k: int, reps: int) -> str:
     rows = []
     for H in heads:
@@ -123,6 +139,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--heads", type=int, nargs="*", default=[4, 16, 64])
     ap.add_argument("--crossover-lengths", type=int, nargs="*", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--selection-lengths", type=int, nargs="*", default=[],
+                    help="also time the indexer's top-k selection alone at these lengths")
     ap.add_argument("--k", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto",
@@ -134,6 +152,9 @@ def main() -> None:
     if args.lengths:
         tables.append(f"LM forward+backward, `small` preset, batch 1, sparse backend {args.backend} (CPU ms):\n\n"
                       + lm_table(args.lengths, args.reps, args.backend))
+    if args.selection_lengths:
+        tables.append(f"Top-k selection alone, k = {ModelConfig.preset('small').index_topk} (CPU ms):\n\n"
+                      + selection_table(args.selection_lengths, args.reps))
     if args.heads and args.crossover_lengths:
         tables.append(f"Attention alone, forward+backward, k = {args.k} (CPU ms):\n\n"
                       + crossover_table(args.crossover_lengths, args.heads, args.k, args.reps))
