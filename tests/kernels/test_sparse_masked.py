@@ -127,3 +127,9 @@ def test_auto_uses_the_rule_only_with_gradients(monkeypatch):
     assert calls == [True]
     ref = kernels.sparse_mla_absorbed(*leaves[:3], idx, *leaves[3:], 0.4, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_no_keys_at_all():
+    q, kv = torch.randn(1, 3, 2, 6), torch.randn(1, 4, 6)
+    out, lse = kernels.sparse_mla(q, kv, torch.zeros(1, 3, 0, dtype=torch.long), 0.5, 4, backend="masked")
+    assert out.shape == (1, 3, 2, 4) and (out == 0).all() and torch.isinf(lse).all()

@@ -82,6 +82,9 @@ def sparse_mla_masked(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
     in q's dtype, lse (B, T, H) float32. Differentiable in q and kv."""
     B, T, H, C = q.shape
     S = kv.shape[1]
+    if T == 0 or S == 0 or indices.shape[-1] == 0:          # no keys anywhere: output 0, lse -inf
+        return (q.new_zeros(B, T, H, dv),
+                torch.full((B, T, H), float("-inf"), dtype=torch.float32, device=q.device))
     compute = torch.float32 if q.device.type == "cpu" else q.dtype
     qc, kvc = q.to(compute), kv.to(compute)
     outs, lses = [], []
@@ -101,6 +104,8 @@ def absorb_attend_masked(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor,
     B, T, H, d_n = q_n.shape
     S, r, d_r, d_v = kv.shape[1], w_uk.shape[-1], q_r.shape[-1], w_uv.shape[1]
     dtype = kv.dtype
+    if T == 0 or S == 0 or indices.shape[-1] == 0:
+        return kv.new_zeros(B, T, H, d_v)
     compute = torch.float32 if kv.device.type == "cpu" else dtype
     c_kv, k_r = kv.to(compute).split([r, d_r], dim=-1)
     k_n = torch.einsum("bsr,hdr->bhsd", c_kv, w_uk.to(compute))                  # (B, H, S, d_n)
