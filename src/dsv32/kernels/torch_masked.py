@@ -21,8 +21,10 @@ In training (S == T, a causal selection) one SDPA call covers all queries with t
 block skipping on top of the mask; otherwise queries go in chunks of `_QUERY_CHUNK`, and a chunk
 only scores keys up to its largest selected slot. A query with no selected key gets output 0
 and lse -inf, as in the gather kernel. Selections never repeat a slot; a repeated slot would count
-once here and twice in the gather kernel. Leaves out: anything but float32 math on CPU (other
-devices run SDPA with a boolean mask and compute the lse separately).
+once here (as in the reference) and twice in the gather kernel. On CPU the math is float32 and
+the fused flash kernel returns the lse with the output; other devices run the public SDPA under the
+same additive mask and compute the lse from the scores (not measured: no GPU here), and "auto"
+never picks this path there.
 """
 
 from __future__ import annotations
