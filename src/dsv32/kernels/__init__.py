@@ -18,7 +18,7 @@ Each has the same backends:
   sequences.
 
 ``"auto"`` picks triton on CUDA when it is available, else torch; and for `sparse_mla_absorbed`
-with gradients (training), where the torch kernel would run, the masked path wherever the cost
+on CPU with gradients (training), where the torch kernel would run, the masked path wherever the cost
 rule `torch_masked.choose_masked` (over T, S, H, k and the head dims) says it is cheaper.
 A backend is a function with the signature of its torch one; `register_backend` / `register_selector` add one (the Triton
 modules register themselves when first needed, so nothing GPU-only is imported on CPU).
@@ -137,8 +137,10 @@ def sparse_mla_absorbed(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor, 
 
 
 def _masked_is_cheaper(q_n, q_r, kv, indices, w_uv) -> bool:
-    """The cost rule, applied only with gradients (its crossover is measured forward+backward)."""
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_n, q_r, kv, w_uv))):
+    """The cost rule, applied only on CPU (where it was measured) and with gradients (its
+    crossover is measured forward+backward)."""
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q_n, q_r, kv, w_uv))
+    if kv.device.type != "cpu" or not training:
         return False
     B, T, H, d_n = q_n.shape
     return choose_masked(T, kv.shape[1], H, indices.shape[-1], d_n + q_r.shape[-1], w_uv.shape[1], kv.shape[-1])
