@@ -1,17 +1,20 @@
 """Sparse training at few heads: the LM forward+backward of the `small` preset (4 heads,
-index_topk 256) under DSA against dense causal attention, and where the sparse attention
-kernel starts to beat dense attention as the head count grows.
+index_topk 256) under DSA against dense causal attention, and where each way of computing the
+sparse attention beats the others as the head count grows.
 
     python benchmarks/sparse_train.py                           # T = 2K, 4K, 8K; crossover table
     python benchmarks/sparse_train.py --lengths 2048 --heads 4 --crossover-lengths 1024 2048 --reps 1
 
 Table 1: one forward + backward of the LM loss alone (no indexer loss), batch 1, per length:
-dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, torch backend), and
-their ratio. Table 2: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
-backward: dense causal SDPA over expanded heads vs the sparse absorbed kernel over k = 256 selected
-latent rows per query (a causal random selection), and which is faster. Times are medians of
-`--reps` in this process's CPU time (the machine is shared; wall time swings with its load), one
-thread.
+dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, `--backend auto`: on
+CPU the gather kernel or the dense-masked path by the kernels' cost rule; `torch`: gather only),
+and their ratio.
+Table 2 (`--selection-lengths`): the indexer's top-k selection alone. Table 3: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
+backward: dense causal SDPA over expanded heads, and the sparse absorbed attention over k = 256
+selected latent rows per query (a causal random selection) by the gather kernel and by the
+dense-masked path, and which of the two the cost rule (`kernels.choose_masked`) picks. Times are
+medians of `--reps` in this process's CPU time (the machine is shared; wall time swings with its
+load), one thread.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_common import markdown_table  # noqa: E402
 
 from dsv32 import AttentionOptions, DSV32ForCausalLM, ModelConfig  # noqa: E402
-from dsv32.kernels import sparse_mla_absorbed  # noqa: E402
+from dsv32.kernels import choose_masked, select_topk, sparse_mla_absorbed  # noqa: E402
 from dsv32.training.losses import lm_loss  # noqa: E402
 
-DENSE, SPARSE = AttentionOptions(sparse=False), AttentionOptions(sparse=True, backend="torch")
+DENSE = AttentionOptions(sparse=False)
 
 
 def cpu_time(fn, reps: int) -> float:
@@ -56,7 +59,8 @@ def lm_step(model: DSV32ForCausalLM, batch: torch.Tensor, attention: AttentionOp
     return run
 
 
-def lm_table(lengths: list[int], reps: int) -> str:
+def lm_table(lengths: list[int], reps: int, backend: str) -> str:
+    sparse_opts = AttentionOptions(sparse=True, backend=backend)
     rows = []
     for T in lengths:
         cfg = ModelConfig.preset("small", max_position_embeddings=max(T, 256))
@@ -64,13 +68,14 @@ def lm_table(lengths: list[int], reps: int) -> str:
         model.init_weights(seed=0)
         batch = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
         dense = cpu_time(lm_step(model, batch, DENSE), reps)
-        sparse = cpu_time(lm_step(model, batch, SPARSE), reps)
+        sparse = cpu_time(lm_step(model, batch, sparse_opts), reps)
         rows.append([str(T), f"{dense * 1e3:.0f}", f"{sparse * 1e3:.0f}", f"{sparse / dense:.2f}x"])
         print(f"  T={T}: dense {dense:.3f} s, sparse {sparse:.3f} s", flush=True)
     return markdown_table(["T", "dense ms", "sparse ms", "sparse / dense"], rows)
 
 
-def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float]:
+def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float, float, bool]:
+    """CPU seconds of dense causal, sparse gather and sparse masked attention, and the rule's pick."""
     cfg = ModelConfig.preset("small")
     d_n, d_r, d_v, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     gen = torch.Generator().manual_seed(0)
@@ -91,10 +96,27 @@ def attention_times(T: int, H: int, k: int, reps: int) -> tuple[float, float]:
     top = scores.topk(min(k, T), dim=-1)
     indices = torch.where(top.values < 0, -1, top.indices)[None]
 
-    def sparse():
-        sparse_mla_absorbed(q_n, q_r, kv, indices, w_uk, w_uv, 0.1, backend="torch").sum().backward()
+    def sparse(backend):
+        return lambda: sparse_mla_absorbed(q_n, q_r, kv, indices, w_uk, w_uv, 0.1, backend=backend).sum().backward()
 
-    return cpu_time(dense, reps), cpu_time(sparse, reps)
+    picks_masked = choose_masked(T, T, H, k, d_n + d_r, d_v, r + d_r)
+    return cpu_time(dense, reps), cpu_time(sparse("torch"), reps), cpu_time(sparse("masked"), reps), picks_masked
+
+
+def selection_table(lengths: list[int], reps: int) -> str:
+    """The indexer's top-k selection alone (scores + top-k, torch backend) on the preset's indexer
+    shapes, per layer and for all layers: the part of a sparse step that dense attention never pays."""
+    cfg = ModelConfig.preset("small")
+    rows = []
+    for T in lengths:
+        gen = torch.Generator().manual_seed(T)
+        q = torch.randn(1, T, cfg.index_n_heads, cfg.index_head_dim, generator=gen)
+        w = torch.randn(1, T, cfg.index_n_heads, generator=gen)
+        k = torch.randn(1, T, cfg.index_head_dim, generator=gen)
+        one = cpu_time(lambda: select_topk(q, w, k, cfg.index_topk, backend="torch"), reps)
+        rows.append([str(T), f"{one * 1e3:.0f}", f"{one * cfg.num_hidden_layers * 1e3:.0f}"])
+        print(f"  selection T={T}: {one:.3f} s per layer", flush=True)
+    return markdown_table(["T", "per layer ms", f"{cfg.num_hidden_layers} layers ms"], rows)
 
 
 def crossover_table(lengths: list[int], heads: list[int], k: int, reps: int) -> str:
@@ -102,11 +124,14 @@ def crossover_table(lengths: list[int], heads: list[int], k: int, reps: int) -> 
     for H in heads:
         cells = [str(H)]
         for T in lengths:
-            dense, sparse = attention_times(T, H, k, reps)
-            cells.append(f"{dense * 1e3:.0f} / {sparse * 1e3:.0f} ({dense / sparse:.2f}x)")
-            print(f"  H={H} T={T}: dense {dense:.3f} s, sparse {sparse:.3f} s", flush=True)
+            dense, gather, masked, picks_masked = attention_times(T, H, k, reps)
+            won = "masked" if masked < gather else "gather"
+            rule = "masked" if picks_masked else "gather"
+            cells.append(f"{dense * 1e3:.0f} / {gather * 1e3:.0f} / {masked * 1e3:.0f} ({won}; rule: {rule})")
+            print(f"  H={H} T={T}: dense {dense:.3f} s, gather {gather:.3f} s, masked {masked:.3f} s, "
+                  f"rule picks {rule}", flush=True)
         rows.append(cells)
-    return markdown_table(["H", *(f"T={T}: dense / sparse ms (speed-up)" for T in lengths)], rows)
+    return markdown_table(["H", *(f"T={T}: dense / gather / masked ms" for T in lengths)], rows)
 
 
 def main() -> None:
@@ -114,14 +139,22 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--heads", type=int, nargs="*", default=[4, 16, 64])
     ap.add_argument("--crossover-lengths", type=int, nargs="*", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--selection-lengths", type=int, nargs="*", default=[],
+                    help="also time the indexer's top-k selection alone at these lengths")
     ap.add_argument("--k", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backend", default="auto",
+                    help="sparse kernels of the LM table: auto (cost rule), torch (gather only), masked")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
     tables = []
     if args.lengths:
-        tables.append("LM forward+backward, `small` preset, batch 1 (CPU ms):\n\n" + lm_table(args.lengths, args.reps))
+        tables.append(f"LM forward+backward, `small` preset, batch 1, sparse backend {args.backend} (CPU ms):\n\n"
+                      + lm_table(args.lengths, args.reps, args.backend))
+    if args.selection_lengths:
+        tables.append(f"Top-k selection alone, k = {ModelConfig.preset('small').index_topk} (CPU ms):\n\n"
+                      + selection_table(args.selection_lengths, args.reps))
     if args.heads and args.crossover_lengths:
         tables.append(f"Attention alone, forward+backward, k = {args.k} (CPU ms):\n\n"
                       + crossover_table(args.crossover_lengths, args.heads, args.k, args.reps))

@@ -12,10 +12,15 @@ Each has the same backends:
 
 * ``"reference"`` — plain torch over the dense T×S scores (always available; tests only);
 * ``"torch"``     — blocked plain torch (CPU and GPU): no T×S tensor, buffers reused;
-* ``"triton"``    — fused GPU kernels, registered only when CUDA and triton are present.
+* ``"triton"``    — fused GPU kernels, registered only when CUDA and triton are present;
+* ``"masked"``    — sparse MLA only (the selector is torch's): the same attention computed as
+  dense SDPA under the selection as a mask (`torch_masked.py`), faster with few heads and short
+  sequences.
 
-``"auto"`` picks triton on CUDA when it is available, else torch. A backend is a function with
-the signature of its torch one; `register_backend` / `register_selector` add one (the Triton
+``"auto"`` picks triton on CUDA when it is available, else torch; and for `sparse_mla_absorbed`
+on CPU with gradients (training), where the torch kernel would run, the masked path wherever the cost
+rule `torch_masked.choose_masked` (over T, S, H, k and the head dims) says it is cheaper.
+A backend is a function with the signature of its torch one; `register_backend` / `register_selector` add one (the Triton
 modules register themselves when first needed, so nothing GPU-only is imported on CPU).
 `sparse_mla_absorbed` wraps a `sparse_mla` backend in absorb -> attend -> un-absorb
 (`absorbed.py`).
@@ -34,6 +39,7 @@ from .reference import (allowed_keys, index_scores, indices_to_mask, masked_atte
                         select_topk_reference, sparse_mla_reference)
 from .torch_indexer import index_scores_tiled, select_topk_torch
 from .torch_gqa import GQABackend, sparse_gqa_reference, sparse_gqa_torch
+from .torch_masked import absorb_attend_masked, choose_masked, sparse_mla_masked
 from .torch_sparse import sparse_mla_torch
 
 SparseBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor]]
@@ -42,10 +48,12 @@ IndexSelector = Callable[..., torch.Tensor]
 _BACKENDS: dict[str, SparseBackend] = {
     "reference": sparse_mla_reference,
     "torch": sparse_mla_torch,
+    "masked": sparse_mla_masked,
 }
 _SELECTORS: dict[str, IndexSelector] = {
     "reference": select_topk_reference,
     "torch": select_topk_torch,
+    "masked": select_topk_torch,
 }
 
 _GQA_BACKENDS: dict[str, GQABackend] = {
@@ -119,9 +127,23 @@ def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: 
 def sparse_mla_absorbed(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
                         w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
                         backend: str = "auto") -> torch.Tensor:
-    """Sparse MLA from un-absorbed queries: (B, T, H, d_v) in kv's dtype; see `absorbed.py`."""
-    attend = functools.partial(sparse_mla, backend=resolve_backend(backend, kv.device))
+    """Sparse MLA from un-absorbed queries: (B, T, H, d_v) in kv's dtype; see `absorbed.py`
+    (and `torch_masked.py` for the masked path, which "auto" picks by its cost rule in training)."""
+    name = resolve_backend(backend, kv.device)
+    if name == "masked" or (backend == "auto" and name == "torch" and _masked_is_cheaper(q_n, q_r, kv, indices, w_uv)):
+        return absorb_attend_masked(q_n, q_r, kv, indices, w_uk, w_uv, scale)
+    attend = functools.partial(sparse_mla, backend=name)
     return absorb_attend(attend, q_n, q_r, kv, indices, w_uk, w_uv, scale)
+
+
+def _masked_is_cheaper(q_n, q_r, kv, indices, w_uv) -> bool:
+    """The cost rule, applied only on CPU (where it was measured) and with gradients (its
+    crossover is measured forward+backward)."""
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q_n, q_r, kv, w_uv))
+    if kv.device.type != "cpu" or not training:
+        return False
+    B, T, H, d_n = q_n.shape
+    return choose_masked(T, kv.shape[1], H, indices.shape[-1], d_n + q_r.shape[-1], w_uv.shape[1], kv.shape[-1])
 
 
 def sparse_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float,
@@ -132,6 +154,7 @@ def sparse_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch
 
 __all__ = ["select_topk", "sparse_gqa", "sparse_gqa_reference", "sparse_gqa_torch", "register_gqa_backend",
            "resolve_gqa_backend", "sparse_mla", "sparse_mla_absorbed", "select_topk_reference", "select_topk_torch",
-           "sparse_mla_reference", "sparse_mla_torch", "index_scores", "index_scores_tiled", "allowed_keys",
+           "sparse_mla_reference", "sparse_mla_torch", "sparse_mla_masked", "absorb_attend_masked",
+           "choose_masked", "index_scores", "index_scores_tiled", "allowed_keys",
            "masked_attention", "indices_to_mask", "register_backend", "register_selector", "resolve_backend",
            "resolve_selector"]
