@@ -30,7 +30,7 @@ from .reference import allowed_keys, forced_slots
 _SCORE_BUDGET_BYTES = 64 * 2**20   # per block of queries: (block, S) scores + their int64 codes
 _ROWS_PER_BLOCK = 2048             # queries x H_I rows per matmul: a good GEMM shape on CPU
 _DECODE_ROWS = 256                 # at most this many (query, head) rows: key-major product
-_DECODE_TILE_BYTES = 8 * 2**20     # the key-major product's tile: 8 MiB (32K keys x 64 heads)
+_DECODE_TILE_BYTES = 2 * 2**20     # the key-major product's tile: 2 MiB (8K keys x 64 heads, 128K x 4)
 _KEY_TILE = 512                    # keys per tile: the (rows, tile) product stays in cache
 _LOW = 0x7FFFFFFF                  # low word of a code: _LOW - slot (slots < 2^31)
 
@@ -65,7 +65,8 @@ def _index_scores_key_major(q, w, k, out):
     """Few query rows (decode): one (S, T·H_I) product with the keys as the long side -- the
     shape a CPU GEMM runs near peak -- then ReLU and the head-weighted sum: one matrix-vector
     product over the tile for a single query (no batched product, no copy of the result), a
-    batched product for a few. Tiles of up to _DECODE_TILE_BYTES bound the buffer."""
+    batched product for a few. Tiles of _DECODE_TILE_BYTES keep the product in the
+    caches while ReLU and the head sum read it (8 MiB tiles measured ~10% slower on one thread)."""
     B, T, Hi, d = q.shape
     S = k.shape[1]
     tile = max(1, min(S, _DECODE_TILE_BYTES // (4 * T * Hi)))
