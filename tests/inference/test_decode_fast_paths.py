@@ -1,38 +1,12 @@
-"""Decode-step fast paths against their plain references: the positions a forward derives from
-the cache's key mask (one sum over the past instead of a cumsum over the whole cache) and the
-indexer's few-query scoring (one key-major product, ReLU, one matrix-vector head sum)."""
+"""The indexer's decode path (few query rows: one key-major product per key tile, ReLU, a
+matrix-vector head sum for a single query) against the reference scores and selection."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dsv32.kernels import index_scores, index_scores_tiled, select_topk_reference, select_topk_torch
-from dsv32.model.context import call_geometry
-
-
-def _positions_reference(key_valid: torch.Tensor, q_start: int) -> torch.Tensor:
-    """Positions count real tokens: the cumsum of the whole key mask, read at the new slots."""
-    return (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
-
-
-@pytest.mark.parametrize("past,T", [(0, 5), (7, 1), (7, 3), (1, 1)])
-def test_call_geometry_positions_match_cumsum_over_the_cache(past, T):
-    g = torch.Generator().manual_seed(past * 10 + T)
-    B = 3
-    past_valid = torch.rand(B, past, generator=g) > 0.3
-    if past:
-        past_valid[0] = False                          # a row whose past is all padding
-    new_valid = torch.rand(B, T, generator=g) > 0.2
-    # call_geometry reads only a cache's `length` and `key_valid` (its past key mask).
-    cache = SimpleNamespace(length=past, key_valid=past_valid) if past else None
-    ids = torch.zeros(B, T, dtype=torch.long)
-    q_start, _, key_valid, pos = call_geometry(ids, new_valid, None, cache)
-    assert q_start == past
-    assert torch.equal(key_valid, torch.cat((past_valid, new_valid), 1))
-    assert torch.equal(pos, _positions_reference(key_valid, q_start))
 
 
 @pytest.mark.parametrize("T,Hi,d,S", [(1, 4, 32, 3000), (1, 64, 16, 700), (2, 8, 16, 1500), (4, 64, 8, 300)])

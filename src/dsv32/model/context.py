@@ -152,10 +152,7 @@ def call_geometry(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         if key_valid is None:
             position_ids = torch.arange(q_start, q_start + T, device=dev).expand(B, T)
         else:
-            # = (key_valid.cumsum(1) - 1)[:, q_start:] without an int64 cumsum over the whole
-            # cache on every decode step (1.4 ms at L=16K): past real tokens counted by one sum.
-            past = pv.sum(1, keepdim=True) if q_start else 0
-            position_ids = (nv.long().cumsum(1) + (past - 1)).clamp(min=0)
+            position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, q_start:]
     return q_start, new_valid, key_valid, position_ids
 
 
