@@ -6,6 +6,7 @@ dense absorbed decode (attend to every cached row) over the same cache.
     python benchmarks/bench_decode.py --L 4096 16384 --steps 3
     python benchmarks/bench_decode.py --batch 4 --L 16384 65536   # B sequences decode together
     python benchmarks/bench_decode.py --L 65536 --parts            # + a roofline of each sparse part
+    python benchmarks/bench_decode.py --L 16384 65536 --parts --cpu-time   # one thread, its CPU clock
 
 V3.2 attention dims (r_kv=512, d_r=64, H_I=64, d_I=128), 128 heads, hidden reduced (--hidden).
 Float32 on CPU, batch 1 unless --batch. Per step and sequence, work that differs between the two paths:
@@ -37,7 +38,21 @@ import time
 
 import torch
 
-from common import D_I, D_N, D_V, H_I, R_KV, D_R, build_layer, matmul_peak
+from common import D_I, D_N, D_V, H_I, R_KV, D_R, build_layer
+
+clock = time.perf_counter          # --cpu-time: time.thread_time (one thread; ignores time descheduled)
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """fp32 GFLOP/s of an n^3 matmul, best of `reps`, on `clock`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = clock()
+        a @ b
+        best = min(best, clock() - t)
+    return 2 * n ** 3 / best / 1e9
 
 
 @torch.no_grad()
@@ -71,22 +86,22 @@ def decode_times(cfg, layer, L: int, steps: int, sparse: bool, batch: int = 1) -
         x = torch.randn(batch, 1, cfg.hidden_size)
         cos, sin = rope(torch.tensor([[cache.length]]))
         ctx = ForwardContext(cos=cos, sin=sin, key_valid=None, q_start=cache.length, attention=opts, cache=cache)
-        t0 = time.perf_counter()
+        t0 = clock()
         cache.begin(batch, 1, None)
         c_q, q_n, q_r, latent = layer.project(x, cos, sin)
         k_new = layer.indexer.keys(x, cos, sin)
         latent_all, k_all = cache.update(0, latent, k_new, ctx.q_start)
-        t1 = time.perf_counter()
+        t1 = clock()
         if sparse:
             q_i, w_i = layer.indexer.queries(x, c_q, cos, sin)
             idx = layer.indexer.select(q_i, w_i, k_all, ctx.q_start)
             out = layer._sparse_absorbed(q_n, q_r, latent_all, idx, "auto")
         else:
             out = layer._dense_absorbed(q_n, q_r, latent_all, ctx)
-        t2 = time.perf_counter()
+        t2 = clock()
         layer.o_proj(out.reshape(batch, 1, -1))
         cache.commit(1)
-        t3 = time.perf_counter()
+        t3 = clock()
         layer_times.append(t3 - t0)
         attn_times.append(t2 - t1)
     return layer_times[1:], attn_times[1:]
@@ -98,9 +113,9 @@ def read_bandwidth(n_bytes: int = 512 * 2**20, reps: int = 5) -> float:
     x.sum()
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         x.sum()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return n_bytes / best / 1e9
 
 
@@ -135,10 +150,10 @@ def part_times(cfg, layer, L: int, steps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in parts}
     for step in range(steps + 1):                      # the first round warms up
         for name, fn in parts.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
             if step:
-                times[name].append(time.perf_counter() - t)
+                times[name].append(clock() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -175,11 +190,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together, each with its own cache")
     ap.add_argument("--parts", action="store_true", help="also time each part of a sparse step against its limit")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time on the thread's CPU clock (sets one thread): steadier on a loaded machine")
     args = ap.parse_args()
+    if args.cpu_time:
+        global clock
+        clock = time.thread_time
+        torch.set_num_threads(1)
     H, k = args.heads, args.topk
     C = R_KV + D_R
     peak = matmul_peak()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{'thread CPU' if args.cpu_time else 'wall'} time")
     print(f"one layer, H={H}, k={k}, r_kv={R_KV}, d_r={D_R}, H_I={H_I}, d_I={D_I}, batch {args.batch}; "
           f"median of {args.steps} steps; times are per step (all {args.batch} sequences)\n")
     header = ("|     L | dense ms | sparse ms (idx+attn) | FLOP bound | byte bound | speedup | share of FLOP bound | "
