@@ -4,10 +4,13 @@ long context, and long-context generation (prefill time, decode tokens/s, peak m
     pip install -e '.[bench]'
     python benchmarks/vs_transformers.py                        # train T = 2K 4K 8K; generate L = 4K 16K
     python benchmarks/vs_transformers.py --train 1024 --generate 1024 --new-tokens 8 --reps 1   # a smoke run
+    python benchmarks/vs_transformers.py --config wide --train --generate 4096 16384 --new-tokens 16
 
 One model, saved once in the Hugging Face layout by dsv32 and loaded by both libraries: the
 `small` preset (4 layers, 4 heads, DSA with index_topk 256, DeepSeekMoE), float32, random
-weights (seeded). Every measurement runs in a fresh process (peak RSS is that process's),
+weights (seeded); `--config wide` / `many-heads` change it into a model whose decode cost is
+attention over the cache, not per-token fixed work (see CONFIGS).
+Every measurement runs in a fresh process (peak RSS is that process's),
 dsv32 and transformers alternating; one thread each.
 
 Training step: forward (sparse attention through the indexer's top-k; transformers' eager
@@ -41,11 +44,26 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def prepare(folder: Path, max_len: int) -> None:
+# name -> (overrides of the `small` preset, transformers' attention implementation).
+# `wide`: V3.2's per-head dims (latent 512 + 64, heads 128 + 64 / 128, indexer keys 128) at 4
+# heads and 2 layers: attention over the cache is most of a decode step, and transformers still
+# fits L=16K in memory (its attention materialises (heads, L, L) float32 scores per layer: 4 GiB
+# at 4 heads).
+# `many-heads`: 32 heads, 2 layers, small dims; transformers (SDPA, whose masked CPU path also
+# materialises the scores) runs it to L=4K only -- at 16K it asks for 32 GiB.
+CONFIGS = {
+    "small": ({}, "eager"),
+    "wide": (dict(hidden_size=256, num_hidden_layers=2, q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=128,
+                  qk_rope_head_dim=64, v_head_dim=128, index_head_dim=128), "eager"),
+    "many-heads": (dict(num_attention_heads=32, num_hidden_layers=2), "sdpa"),
+}
+
+
+def prepare(folder: Path, max_len: int, config: str) -> None:
     from dsv32 import DSV32ForCausalLM, ModelConfig
     from dsv32.checkpoint import save_pretrained
 
-    cfg = ModelConfig.preset("small", max_position_embeddings=max_len)
+    cfg = ModelConfig.preset("small", **CONFIGS[config][0], max_position_embeddings=max_len)
     model = DSV32ForCausalLM(cfg)
     model.init_weights(seed=0)
     save_pretrained(model, folder)
@@ -55,13 +73,13 @@ def tokens(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def load(engine: str, folder: Path):
+def load(engine: str, folder: Path, attn: str = "eager"):
     if engine == "dsv32":
         from dsv32.checkpoint import load_pretrained
         return load_pretrained(folder)
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.config._attn_implementation = "eager"
+    model.config._attn_implementation = attn
     return model
 
 
@@ -93,8 +111,8 @@ def train_step(engine: str, folder: Path, T: int, reps: int) -> dict:
 
 
 @torch.no_grad()
-def generate(engine: str, folder: Path, L: int, new: int) -> dict:
-    model = load(engine, folder).eval()
+def generate(engine: str, folder: Path, L: int, new: int, attn: str = "eager") -> dict:
+    model = load(engine, folder, attn).eval()
     prompt = tokens(L, 2)
     marks: list[tuple[float, float]] = []          # (wall, CPU) after each new token's forward
     start = (time.perf_counter(), time.process_time())
@@ -122,13 +140,13 @@ def child(args) -> None:
     torch.set_num_threads(1)
     folder = Path(args.folder)
     out = train_step(args.child, folder, args.size, args.reps) if args.mode == "train" else \
-        generate(args.child, folder, args.size, args.new_tokens)
+        generate(args.child, folder, args.size, args.new_tokens, CONFIGS[args.config][1])
     print("RESULT " + json.dumps(out))
 
 
 def spawn(engine: str, mode: str, size: int, folder: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--mode", mode, "--size", str(size), "--folder", str(folder),
-           "--reps", str(args.reps), "--new-tokens", str(args.new_tokens)]
+           "--reps", str(args.reps), "--new-tokens", str(args.new_tokens), "--config", args.config]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -144,6 +162,8 @@ def main() -> None:
     ap.add_argument("--generate", type=int, nargs="*", default=[4096, 16384], help="prompt lengths L")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="timed training steps per process")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="small",
+                    help="the model: the `small` preset or a variant of it (see CONFIGS)")
     ap.add_argument("--child", choices=["dsv32", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["train", "generate"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -155,8 +175,8 @@ def main() -> None:
     from grpo_common import markdown_table
 
     folder = Path(tempfile.mkdtemp(prefix="vs_transformers_"))
-    prepare(folder, max([256, *args.train, *(L + args.new_tokens for L in args.generate)]))
-    print(f"load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
+    prepare(folder, max([256, *args.train, *(L + args.new_tokens for L in args.generate)]), args.config)
+    print(f"config {args.config}; load: {os.getloadavg()[0]:.2f} (1-min average) at start", flush=True)
     engines = ["dsv32", "transformers"]
     tables = []
     if args.train:
