@@ -73,7 +73,9 @@ make_trainer(out, checkpointer=ckpt, save_every=2).fit()
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "inside-write"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    # the child runs steps 1-2 that the resumed run continues: same thread count, same float sums
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(out), str(marker)], env=env, cwd=ROOT)
     try:
         # The event: the child is inside the write of checkpoint 4 (it wrote the marker, then waits).
