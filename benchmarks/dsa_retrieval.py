@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from dsv32.training.recall_study import CONTINUED, RecallStudy, StudySizes, by_distance, format_table
+from dsv32.training.recall_study import (CONTINUED, RecallStudy, StudySizes, by_distance, format_step_times,
+                                         format_table)
 
 QUICK = StudySizes(seq_len=128, num_pairs=8, vocab_size=64, batch_size=16, dense_steps=2000, check_every=50,
                    curriculum=((32, 2), (64, 4)), warmup_steps=60, sparse_steps=60, eval_examples=32)
@@ -57,7 +58,7 @@ def _stages(text: str) -> tuple[tuple[int, int], ...]:
         raise argparse.ArgumentTypeError(f"expected T:N,T:N,... or 'none', got {text!r}") from None
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T=128, 8 pairs, vocabulary 64")
     for name, kind in (("seq_len", int), ("num_pairs", int), ("vocab_size", int), ("power_a", float),
@@ -72,11 +73,11 @@ def parse_args() -> argparse.Namespace:
                    help="stages before the final (T, pairs) as T:N,T:N,... (e.g. 32:2,64:4), or 'none'")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for result.json and the heatmaps")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     sizes = replace(sizes, **{k: v for k, v in vars(args).items() if k in sizes.__dataclass_fields__ and v is not None})
@@ -97,10 +98,7 @@ def main() -> int:
           f"sparse at k=T/8 {sparse8['accuracy']:.3f} ({100 * (sparse8['accuracy'] - dense['accuracy']):+.1f} points; "
           f"target within 2); dense trained as long as the sparse stages {longer['accuracy']:.3f} (sparse "
           f"{100 * (sparse8['accuracy'] - longer['accuracy']):+.1f} points); control {control8['accuracy']:.3f}")
-    st, fb = result["step_s"], result["fwd_bwd_s"]
-    print(f"median trainer step: dense {st['dense_train']:.3f} s, warm-up {st['warmup_train']:.3f} s, sparse "
-          f"{st['sparse_train']:.3f} s (with the indexer KL); forward+backward of one batch: dense {fb['dense']:.3f} s, "
-          f"sparse k=T/8 {fb['sparse']:.3f} s; stage seconds {({k: round(v) for k, v in result['seconds'].items()})}")
+    print(format_step_times(result))
     print(f"load after: {os.getloadavg()}")
     if args.out:
         from dsv32.training.plots import plot_retrieval_heatmap

@@ -53,7 +53,7 @@ import torch
 
 from dsv32 import AttentionOptions
 from dsv32.model.gqa_config import DenseConfig, IndexerSpec
-from dsv32.training.recall_study import CONTINUED, RecallStudy, StudySizes, format_table
+from dsv32.training.recall_study import CONTINUED, RecallStudy, StudySizes, format_step_times, format_table
 
 DENSE = AttentionOptions(sparse=False)
 RECORDED = StudySizes(family="llama", seq_len=128, num_pairs=8, vocab_size=64, hidden=64, layers=2, heads=4,
@@ -97,11 +97,7 @@ def quality(args: argparse.Namespace) -> dict:
                 line.append(f"vs {name} {points:+.1f} points, loss {loss:+.1f}% "
                             f"({r['answer_nll'] - base['answer_nll']:+.4f} nats){verdict}")
             print(f"{stage}, k={k} (T/{fraction}): " + "; ".join(line))
-    st, fb = result["step_s"], result["fwd_bwd_s"]
-    print(f"median trainer step: dense {st['dense_train']:.3f} s, warm-up {st['warmup_train']:.3f} s, sparse "
-          f"{st['sparse_train']:.3f} s (with the indexer KL); forward+backward of one batch: dense "
-          f"{fb['dense']:.4f} s, sparse k=T/8 {fb['sparse']:.4f} s; stage seconds "
-          f"{({k: round(v, 1) for k, v in result['seconds'].items()})}")
+    print(format_step_times(result))
     print(f"wall {time.perf_counter() - start:.0f} s; load after: {os.getloadavg()}")
     if args.out:
         out = Path(args.out)

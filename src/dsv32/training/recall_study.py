@@ -323,3 +323,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['stage']} | {r['length']} | {k} | {r['accuracy']:.3f} | {r['answer_nll']:.3f} | "
                      f"{needle} | {recall} |")
     return "\n".join(lines)
+
+
+def format_step_times(result: dict[str, Any]) -> str:
+    """One line: the median trainer step of each stage and one timed forward+backward, dense and
+    sparse at k = T/8, and each stage's seconds."""
+    st, fb = result["step_s"], result["fwd_bwd_s"]
+    return (f"median trainer step: dense {st['dense_train']:.3f} s, warm-up {st['warmup_train']:.3f} s, sparse "
+            f"{st['sparse_train']:.3f} s (with the indexer KL); forward+backward of one batch: dense "
+            f"{fb['dense']:.4f} s, sparse k=T/8 {fb['sparse']:.4f} s; stage seconds "
+            f"{({k: round(v, 1) for k, v in result['seconds'].items()})}")
