@@ -1,5 +1,6 @@
-"""Shared fixtures: the named test models (`tiny_model`), tiny configs, and seeded random
-weights that make every part matter."""
+"""Shared fixtures: the named test models (`tiny_model`), tiny configs, seeded random weights
+that make every part matter, and `keep_threads` for tests that call a benchmark's main (which
+sets torch's thread count)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,12 @@ def tiny_model(preset: str | ModelConfig = "tiny", *, seed: int = 0, std: float 
 @pytest.fixture
 def tiny() -> ModelConfig:
     return tiny_config()
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's thread count after the test: a benchmark's `--threads` must not leak into
+    later tests (a child process and the parent would then sum floats differently)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

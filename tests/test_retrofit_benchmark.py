@@ -6,18 +6,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from benchmarks import dsa_retrofit
-
-
-@pytest.fixture
-def keep_threads():
-    """The benchmark sets torch's thread count (--threads); later tests must not inherit it."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quality_quick_prints_the_table_targets_and_step_times(capsys, tmp_path, keep_threads):

@@ -5,18 +5,15 @@ is not covered; without CUDA the script must refuse with a clear message.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of triton
+from tests.kernels.triton_env import DEVICE   # first: picks the Triton interpreter without a GPU
+
 pytest.importorskip("triton", reason="triton is not installed (pip install dsv32[gpu])")
 
 from benchmarks import bench_gpu as bench  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = bench.Shapes(heads=3, c=28, dv=20, topk=8, d_qk=24, d_v=16, h_i=4, d_i=16, dtype=torch.float32)
 
 

@@ -1,20 +1,18 @@
 """Triton indexer selection (fused scores + two-stage top-k) against `select_topk_torch`.
 
 Runs under the Triton interpreter on CPU when there is no GPU, compiled on CUDA otherwise (see
-test_triton_sparse.py for why one process tests one mode). Selections are compared "ties
+triton_env.py for why one process tests one mode). Selections are compared "ties
 aside": the two must choose the same number of slots per query, every chosen slot must be
 allowed and unique, and the chosen scores, sorted, must match the reference's.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of triton
+from tests.kernels.triton_env import DEVICE, LOW   # first: picks the Triton interpreter without a GPU
+
 pytest.importorskip("triton", reason="triton is not installed (pip install dsv32[gpu])")
 
 from dsv32 import kernels  # noqa: E402
@@ -23,9 +21,6 @@ from dsv32.model.context import AttentionOptions  # noqa: E402
 from dsv32.kernels import allowed_keys, index_scores  # noqa: E402
 from dsv32.kernels import select_topk_torch as select_topk  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
 def make_inputs(B, T, Hi, d, S, dtype=torch.float32, pad=True, seed=0):

@@ -8,23 +8,16 @@ one mode. Shapes are tiny except one case at the real row width (C = 576, Dv = 5
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of triton
+from tests.kernels.triton_env import DEVICE, LOW, TOL   # first: picks the Triton interpreter without a GPU
+
 pytest.importorskip("triton", reason="triton is not installed (pip install dsv32[gpu])")
 
 from dsv32 import kernels  # noqa: E402
 from dsv32.kernels import sparse_mla_reference, sparse_mla_torch  # noqa: E402
 from dsv32.kernels.triton_sparse import sparse_mla_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
-       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
 def make_inputs(B, T, H, S, r, dr, K, dtype, seed=0):
