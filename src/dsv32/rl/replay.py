@@ -153,7 +153,7 @@ def _can_share(model: DSV32ForCausalLM) -> bool:
     the process (SIGSEGV in the backward, torch 2.13, gloo, tests/training/test_distributed.py;
     the cause inside torch was not traced)."""
     from torch.distributed.fsdp import FSDPModule
-    if isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules()):
+    if isinstance(model, FSDPModule):          # distributed.shard_model always shards the root
         return False
     return not hasattr(model, "new_cache") and not (model.activation_checkpointing and torch.is_grad_enabled())
 
