@@ -88,3 +88,17 @@ def test_training_step_after_relayout_matches():
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(wb.grad, wa.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_retrofitted_dense_model_generates_the_same():
+    """The CLI applies the layout to every model it loads, the DSA-retrofitted dense (GQA) ones too."""
+    from dsv32 import AttentionOptions
+    from tests.model.test_gqa_sparse import retrofitted
+    model, opts = retrofitted(seed=7), AttentionOptions(topk=4)
+    want = generate(model, PROMPTS, max_new_tokens=6, temperature=0, attention=opts, stop_tokens=[])
+    decode_layout(model)
+    embedding = model.model.embed_tokens.weight
+    assert all(is_column_major(w) for w in linear_weights(model).values() if w is not embedding)
+    got = generate(model, PROMPTS, max_new_tokens=6, temperature=0, attention=opts, stop_tokens=[])
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)

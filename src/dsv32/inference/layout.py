@@ -4,18 +4,19 @@ At batch 1 every projection is a matrix-vector product, bound by reading its wei
 On CPU (one thread, CPU clock, the 50 MB `wq_b` of the indexer) `F.linear` of one row read an
 (out, in) row-major weight at 13-20 GB/s in our runs, and the same values stored column-major
 -- the storage of W^T, viewed back as W -- at 15-26 GB/s, 13-30% less time; the 151 MB
-`q_b_proj` of V3.2 7.9 -> 6.4 ms. Prefill and training GEMMs (T = 512, 2048; forward and backward) measured the
-same in both layouts, within noise.
+`q_b_proj` of V3.2 11.1 -> 8.4 ms. Prefill GEMMs (512 and 2048 rows) took 0.94-1.02x the
+row-major time, forward + backward 1.02-1.05x (`benchmarks/bench_layout.py`): hence a step for
+inference, not the layout the model is built with.
 
 The re-layout keeps every parameter's shape, values, dtype, device and identity (optimizers,
 state_dict keys and tied references still see the same tensor); only strides change, and
 `load_state_dict` copies into the new layout. Nothing is duplicated: each weight's storage
-is swapped for one of the same size. Saving as safetensors writes contiguous copies
+is swapped for one of the same size (one weight at a time is held twice while it is copied). Saving as safetensors writes contiguous copies
 (`checkpoint.hf`).
 
 Left alone, on purpose:
 * weights read through reshaped views (MLA's `kv_b_proj`, split per head into W_uk and W_uv
-  by `.view`): its batched per-head products measured 2-3x slower with column-major heads;
+  by `.view`): its batched per-head products measured 1.4-18x slower on column-major storage;
 * a weight shared with an embedding (tied `lm_head`): row lookups want rows contiguous;
 * the MoE experts (3-D parameters in batched products) and anything that is not `nn.Linear`.
 
