@@ -37,3 +37,23 @@ def test_decode_selection_matches_reference_with_ties_and_padding():
     got = select_topk_torch(q, w, k, 300, q_start=S - 1, key_valid=key_valid)
     want = select_topk_reference(q, w, k, 300, q_start=S - 1, key_valid=key_valid)
     assert torch.equal(got, want)
+
+
+def test_decode_scores_without_onednn_when_switched_off(monkeypatch):
+    """`torch.backends.mkldnn.enabled = False` sends decode scoring to the torch.mm path."""
+    calls = []
+    real = torch_indexer._onednn_linear()
+    if real is None:
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(torch_indexer, "_onednn_linear", lambda: lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    q, w, k = torch.randn(1, 1, 8, 16, generator=g), torch.randn(1, 1, 8, generator=g), torch.randn(1, 300, 16, generator=g)
+    torch.backends.mkldnn.enabled = False
+    try:
+        off = index_scores_tiled(q, w, k)
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert not calls
+    on = index_scores_tiled(q, w, k)
+    assert calls
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)

@@ -70,7 +70,7 @@ def _index_scores_key_major(q, w, k, out):
     batched product, no copy of the result), a batched product for a few.
 
     On CPU with oneDNN the product and the ReLU are one oneDNN call (`_linear_relu`), in 1 MiB
-    tiles: one thread measured 7.9-8.8 ms against 16-18 ms for MKL's product + ReLU at S = 64K,
+    tiles: one thread measured 7.9-9.2 ms against 16-19 ms for MKL's product + ReLU at S = 64K,
     H_I = 64, d_I = 128 (oneDNN's fp32 GEMM runs ~2x MKL's on the AMD EPYC CPUs we measured).
     Otherwise `torch.mm` into a reused buffer and an in-place ReLU, in 2 MiB tiles that keep the
     product in the caches while ReLU and the head sum read it (8 MiB measured ~10% slower)."""
@@ -98,10 +98,15 @@ def _index_scores_key_major(q, w, k, out):
     return out
 
 
-@functools.cache
 def _linear_relu():
     """oneDNN's fused ReLU(x @ W^T) for float32 CPU tensors (the op torch's compiler uses), or
-    None where torch was built without oneDNN (then the plain `torch.mm` path runs)."""
+    None where torch was built without oneDNN or it is switched off (`torch.backends.mkldnn.enabled`):
+    then the plain `torch.mm` path runs."""
+    return _onednn_linear() if torch.backends.mkldnn.enabled else None
+
+
+@functools.cache
+def _onednn_linear():
     if not torch.backends.mkldnn.is_available():
         return None
     try:
