@@ -7,6 +7,7 @@ dense absorbed decode (attend to every cached row) over the same cache.
     python benchmarks/bench_decode.py --batch 4 --L 16384 65536   # B sequences decode together
     python benchmarks/bench_decode.py --L 65536 --parts            # + a roofline of each sparse part
     python benchmarks/bench_decode.py --L 16384 65536 --parts --cpu-time   # one thread, its CPU clock
+    python benchmarks/bench_decode.py --layout row                # weights as loaded, no decode_layout
 
 V3.2 attention dims (r_kv=512, d_r=64, H_I=64, d_I=128), 128 heads, hidden reduced (--hidden).
 Float32 on CPU, batch 1 unless --batch. Per step and sequence, work that differs between the two paths:
@@ -16,12 +17,16 @@ Float32 on CPU, batch 1 unless --batch. Per step and sequence, work that differs
     bytes  dense   L * C * 4                                      (every latent row)
            sparse  k * C * 4  +  L * d_I * 4                      (gathered rows + indexer keys)
 
+The layer's linear weights are stored column-major first (`dsv32.inference.decode_layout`, as
+the CLI's generate does): one-row products read them faster; `--layout row` keeps them as built.
+
 Both bounds are printed (dense / sparse); at these shapes both paths are compute-bound on a
 CPU (>= 40 FLOP per byte), so the FLOP bound is the one the speedup is held to. The cache
 column is the latent cache of this layer: (r_kv + d_r + d_I) x 4 bytes per token.
 
 --parts times each part of a sparse step one by one at every L (batch 1) and holds it to its own
-limit, max(FLOPs / matmul peak, bytes / read bandwidth), both measured here:
+limit, max(FLOPs / matmul peak, bytes / read bandwidth), both measured here (the peak: the faster
+of torch.mm and oneDNN on a 2048^3 product):
 
     indexer q-proj   FLOPs 2 * (r_q * H_I * d_I + hidden * H_I)   bytes: wq_b + weights_proj
     scores           FLOPs 2 * L * H_I * (d_I + 1)                bytes: L * d_I * 4 (the keys)
@@ -43,16 +48,23 @@ from common import D_I, D_N, D_V, H_I, R_KV, D_R, build_layer
 clock = time.perf_counter          # --cpu-time: time.thread_time (one thread; ignores time descheduled)
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """fp32 GFLOP/s of an n^3 matmul, best of `reps`, on `clock`."""
+def matmul_peak(n: int = 2048, reps: int = 5) -> tuple[float, float]:
+    """fp32 GFLOP/s of an n^3 matmul, best of `reps`, on `clock`: torch's `a @ b` (MKL here) and
+    oneDNN's linear (0 where torch lacks oneDNN). On the AMD EPYC CPUs we measured, oneDNN ran
+    ~2x MKL, so the per-part limits use the higher of the two."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = clock()
-        a @ b
-        best = min(best, clock() - t)
-    return 2 * n ** 3 / best / 1e9
+    ops = {"mm": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        ops["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], "")
+    best = {name: float("inf") for name in ops}
+    for name, fn in ops.items():
+        fn()
+        for _ in range(reps):
+            t = clock()
+            fn()
+            best[name] = min(best[name], clock() - t)
+    rate = {name: 2 * n ** 3 / sec / 1e9 for name, sec in best.items()}
+    return rate["mm"], rate.get("onednn", 0.0)
 
 
 @torch.no_grad()
@@ -190,6 +202,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together, each with its own cache")
     ap.add_argument("--parts", action="store_true", help="also time each part of a sparse step against its limit")
+    ap.add_argument("--layout", choices=["column", "row"], default="column",
+                    help="linear weights column-major (decode_layout, the default) or as built")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time on the thread's CPU clock (sets one thread): steadier on a loaded machine")
     args = ap.parse_args()
@@ -199,16 +213,22 @@ def main() -> None:
         torch.set_num_threads(1)
     H, k = args.heads, args.topk
     C = R_KV + D_R
-    peak = matmul_peak()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    peak_mm, peak_dnn = matmul_peak()
+    peak = max(peak_mm, peak_dnn)
+    print(f"fp32 matmul peak: {peak_mm:.1f} GFLOP/s torch.mm, {peak_dnn:.1f} oneDNN; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; "
           f"{'thread CPU' if args.cpu_time else 'wall'} time")
     print(f"one layer, H={H}, k={k}, r_kv={R_KV}, d_r={D_R}, H_I={H_I}, d_I={D_I}, batch {args.batch}; "
-          f"median of {args.steps} steps; times are per step (all {args.batch} sequences)\n")
+          f"median of {args.steps} steps; times are per step (all {args.batch} sequences); "
+          f"{args.layout}-major linear weights\n")
     header = ("|     L | dense ms | sparse ms (idx+attn) | FLOP bound | byte bound | speedup | share of FLOP bound | "
               "layer ms dense / sparse | cache MiB |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     cfg, layer = build_layer(H, args.hidden, k)
+    if args.layout == "column":
+        from dsv32.inference import decode_layout
+        decode_layout(layer)
     for L in args.L:
         dense_layer, dense_attn = decode_times(cfg, layer, L, args.steps, sparse=False, batch=args.batch)
         sparse_layer, sparse_attn = decode_times(cfg, layer, L, args.steps, sparse=True, batch=args.batch)

@@ -285,8 +285,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .inference import generate
+    from .inference import decode_layout, generate
     model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed, verify=args.verify).eval()
+    decode_layout(model)                   # column-major linear weights: faster one-row products
     tok = load_model_tokenizer(args.model, args.tokenizer, model.config.vocab_size)
     prompts = args.prompt or [sys.stdin.read()]
     ids = [tok.encode(p, add_bos=args.bos and tok.bos_id is not None) for p in prompts]
