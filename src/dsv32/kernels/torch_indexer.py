@@ -28,7 +28,7 @@ import torch
 from .reference import allowed_keys, forced_slots
 
 _SCORE_BUDGET_BYTES = 64 * 2**20   # per block of queries: (block, S) float32 scores + their int64 codes
-_ROWS_PER_BLOCK = 1024             # queries x H_I rows per block: a good GEMM shape, and few keys scanned past the causal edge
+_ROWS_PER_BLOCK = 1024             # queries x H_I per block: a good GEMM shape, few keys past the diagonal
 _DECODE_ROWS = 256                 # at most this many (query, head) rows: key-major product
 _DECODE_TILE_BYTES = 2 * 2**20     # the key-major product's tile: 2 MiB (8K keys x 64 heads, 128K x 4)
 _KEY_TILE = 512                    # keys per tile: the (rows, tile) product stays in cache
