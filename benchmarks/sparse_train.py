@@ -8,7 +8,7 @@ sparse attention beats the others as the head count grows.
 Table 1: one forward + backward of the LM loss alone (no indexer loss), batch 1, per length:
 dense (`AttentionOptions(sparse=False)`) and sparse (the indexer's top-k, `--backend auto`: on
 CPU the gather kernel or the dense-masked path by the kernels' cost rule; `torch`: gather only),
-and their ratio.
+and their ratio; the two alternate step by step (median of `--reps` each).
 Table 2 (`--selection-lengths`): the indexer's top-k selection alone. Table 3: attention alone (one layer's shapes: the preset's head dims, H heads), forward +
 backward: dense causal SDPA over expanded heads, and the sparse absorbed attention over k = 256
 selected latent rows per query (a causal random selection) by the gather kernel and by the
@@ -52,6 +52,21 @@ def cpu_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_cpu_times(fns, reps: int) -> list[float]:
+    """Median CPU seconds of each of `fns`, run in turn `reps` times after one warm-up each: a
+    drift in the machine's load moves all of them alike, so their ratio is steadier than that
+    of back-to-back medians."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, times):
+            t = time.process_time()
+            fn()
+            out.append(time.process_time() - t)
+    return [statistics.median(t) for t in times]
+
+
 def lm_step(model: DSV32ForCausalLM, batch: torch.Tensor, attention: AttentionOptions):
     def run():
         model.zero_grad(set_to_none=True)
@@ -67,8 +82,8 @@ def lm_table(lengths: list[int], reps: int, backend: str) -> str:
         model = DSV32ForCausalLM(cfg)
         model.init_weights(seed=0)
         batch = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
-        dense = cpu_time(lm_step(model, batch, DENSE), reps)
-        sparse = cpu_time(lm_step(model, batch, sparse_opts), reps)
+        dense, sparse = interleaved_cpu_times([lm_step(model, batch, DENSE), lm_step(model, batch, sparse_opts)],
+                                              reps)
         rows.append([str(T), f"{dense * 1e3:.0f}", f"{sparse * 1e3:.0f}", f"{sparse / dense:.2f}x"])
         print(f"  T={T}: dense {dense:.3f} s, sparse {sparse:.3f} s", flush=True)
     return markdown_table(["T", "dense ms", "sparse ms", "sparse / dense"], rows)

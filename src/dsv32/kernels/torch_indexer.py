@@ -115,20 +115,22 @@ def codes_into_(scores: torch.Tensor, low: torch.Tensor, codes: torch.Tensor) ->
 _NEG_INF_KEY = int(order_codes(torch.tensor([float("-inf")]), torch.zeros(1, dtype=torch.long)) >> 32)
 
 
-def topk_ordered(codes: torch.Tensor, kk: int) -> torch.Tensor:
+def topk_ordered(codes: torch.Tensor, kk: int, ordered: bool = True) -> torch.Tensor:
     """The `kk` best of each row of `codes` (from `order_codes`), best first, as slots int64;
-    -1 where the score was -inf (fewer allowed keys than kk)."""
-    top = codes.topk(kk, dim=-1).values
+    -1 where the score was -inf (fewer allowed keys than kk). `ordered=False`: the same set in
+    an unspecified order (skips sorting the winners, about a third of the top-k's time)."""
+    top = codes.topk(kk, dim=-1, sorted=ordered).values
     return torch.where((top >> 32) > _NEG_INF_KEY, _LOW - (top & 0xFFFFFFFF), -1)
 
 
 @torch.no_grad()
 def select_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int, q_start: int = 0,
                       key_valid: torch.Tensor | None = None, window: int = 0, sink: int = 0,
-                      block: int | None = None) -> torch.Tensor:
+                      block: int | None = None, ordered: bool = True) -> torch.Tensor:
     """Top-k key slots per query by indexer score, over allowed keys only, in the order of the
     module docstring. `block` = queries scored at once (default: bounded by _ROWS_PER_BLOCK
-    matmul rows and _SCORE_BUDGET_BYTES).
+    matmul rows and _SCORE_BUDGET_BYTES). `ordered=False`: each row's top-k in an unspecified
+    order -- the same set, for callers that read it as a set (the masked attention path).
 
     q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I); queries sit at slots q_start..q_start+T-1.
     Returns (B, T, window + sink + min(topk, S)) int64; -1 marks an empty slot (fewer allowed
@@ -165,7 +167,7 @@ def select_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: i
             col = window + sink
         kk = min(K, n_keys)
         codes = codes_into_(scores, low[:n_keys], code_buf[: B * (t1 - t0) * n_keys].view(shape))
-        out[:, t0:t1, col: col + kk] = topk_ordered(codes, kk)
+        out[:, t0:t1, col: col + kk] = topk_ordered(codes, kk, ordered)
     return out
 
 
