@@ -197,3 +197,9 @@ def test_unordered_selection_is_the_same_set(window, sink):
         assert torch.equal(loose[..., : window + sink], ordered[..., : window + sink])   # forced slots first
         assert torch.equal(loose.sort(-1).values, ordered.sort(-1).values)
     assert torch.equal(kernels.select_topk(q, w, k, topk, backend="reference", ordered=False, **kw), ordered)
+
+
+def test_no_queries_or_no_keys():
+    q, w, k = torch.randn(1, 0, 4, 8), torch.randn(1, 0, 4), torch.randn(1, 5, 8)
+    assert select_topk_torch(q, w, k, 3).shape == (1, 0, 3)
+    assert select_topk_torch(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4), k[:, :0], 3).shape == (1, 2, 0)

@@ -142,7 +142,7 @@ def select_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: i
     out = torch.full((B, T, width), -1, dtype=torch.long, device=q.device)
     if block is None:
         block = max(1, min(_ROWS_PER_BLOCK // Hi, _SCORE_BUDGET_BYTES // max(1, 12 * S * B)))
-    block = min(block, T)
+    block = max(1, min(block, T))
     slots = torch.arange(S, device=q.device)
     low = _LOW - slots
     # One scores and one codes buffer for all blocks (views of the block's contiguous shape).
