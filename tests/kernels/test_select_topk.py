@@ -177,3 +177,29 @@ def test_selection_dispatch():
     q, w, k = tied_inputs(2, 9, 12, 3, 8, seed=5, negative=False)
     torch.testing.assert_close(kernels.select_topk(q, w, k, 4, q_start=3, window=2, sink=1),
                                select_topk_reference(q, w, k, 4, q_start=3, window=2, sink=1))
+
+
+@pytest.mark.parametrize("window,sink", [(0, 0), (2, 1)])
+def test_unordered_selection_is_the_same_set(window, sink):
+    """`ordered=False` (the masked attention path reads the selection as a set) returns each
+    row's slots in some order, but the same slots as the ordered selection and the reference;
+    with ties at the k-th place, padding, several query blocks and forced window/sink slots."""
+    B, T, Hi, d, topk = 2, 40, 2, 8, 6
+    q, w, k = tied_inputs(B, T, T + 5, Hi, d, seed=4)
+    valid = torch.ones(B, T + 5, dtype=torch.bool)
+    valid[1, :3] = False
+    kw = dict(q_start=5, key_valid=valid, window=window, sink=sink)
+    ordered = kernels.select_topk(q, w, k, topk, backend="torch", **kw)
+    assert boundary_ties(q, w, k, topk, 5, valid) >= 3
+    assert torch.equal(ordered, select_topk_reference(q, w, k, topk, **kw))
+    for block in (None, 7):
+        loose = select_topk_torch(q, w, k, topk, block=block, ordered=False, **kw)
+        assert torch.equal(loose[..., : window + sink], ordered[..., : window + sink])   # forced slots first
+        assert torch.equal(loose.sort(-1).values, ordered.sort(-1).values)
+    assert torch.equal(kernels.select_topk(q, w, k, topk, backend="reference", ordered=False, **kw), ordered)
+
+
+def test_no_queries_or_no_keys():
+    q, w, k = torch.randn(1, 0, 4, 8), torch.randn(1, 0, 4), torch.randn(1, 5, 8)
+    assert select_topk_torch(q, w, k, 3).shape == (1, 0, 3)
+    assert select_topk_torch(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4), k[:, :0], 3).shape == (1, 2, 0)

@@ -112,3 +112,35 @@ def test_window_and_sink_are_forced_into_every_set():
                 assert first in chosen
                 assert all(first <= s <= t for s in chosen)
                 assert len(chosen) == min(t - first + 1, 6)
+
+
+def test_masked_path_selects_a_set_and_equals_the_reference(monkeypatch):
+    """In training on CPU with few heads, "auto" attends by the masked path, which reads the
+    selection as a set: the selector is asked for an unordered top-k (no sort of the winners),
+    unless the indices are recorded. Loss and gradients equal the dense masked reference."""
+    from dsv32 import kernels
+    asked = []
+    real = kernels.select_topk
+
+    def spy(*args, **kw):
+        asked.append(kw["ordered"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "select_topk", spy)
+    model = model_for(seed=5, index_topk=5)
+    ids, mask = batch(model.config, T=18, seed=6)
+    loss_m, grads_m = _loss_and_grads(model, ids, mask, AttentionOptions(sparse=True, form="absorbed"))
+    assert asked and not any(asked)
+    loss_r, grads_r = _loss_and_grads(model, ids, mask, AttentionOptions(sparse=True, form="expanded"))
+    torch.testing.assert_close(loss_m, loss_r, atol=1e-6, rtol=0)
+    assert grads_m.keys() == grads_r.keys()
+    for name in grads_m:
+        torch.testing.assert_close(grads_m[name], grads_r[name], atol=1e-5, rtol=1e-4, msg=name)
+    asked.clear()
+    model(ids, attention_mask=mask, attention=AttentionOptions(sparse=True, form="absorbed"),
+          records=Records(record_indices=True))
+    assert asked and all(asked)
+    asked.clear()
+    with torch.no_grad():                                 # no gradients: the gather kernel, ordered
+        model(ids, attention_mask=mask, attention=AttentionOptions(sparse=True, form="absorbed"))
+    assert asked and all(asked)

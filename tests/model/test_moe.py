@@ -132,21 +132,28 @@ def test_mtp_layers_record_balance_and_replay_like_main_layers():
 
 
 def test_grouped_experts_equal_the_per_expert_loop():
-    """The padded batched-matmul dispatch (taken when padding at most doubles the rows) gives the
-    per-expert loop's output and gradients; a skewed load takes the loop."""
+    """The padded batched-matmul dispatch (taken while the padding at most doubles the rows and
+    stays under `_LOOP_CALL_ROWS` rows per expert) gives the per-expert loop's output and gradients; a
+    skewed load (padding that costs more than the loop's calls) takes the loop."""
+    from dsv32.model import moe
     cfg = tiny_config()
     experts = randomize_(MoE(cfg), seed=5).experts
-    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    E, k, N = cfg.n_routed_experts, cfg.num_experts_per_tok, 200
     gen = torch.Generator().manual_seed(0)
-    balanced = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(40)])
+    balanced = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
     skewed = balanced.clone()
-    skewed[:, 0] = 0                                          # expert 0 in every row: 40 x 8 > 2 x 80
+    skewed[:, 0] = 0                                          # expert 0 in every row: 200 x 8 - 400 > 64 x 8
+    ran = []
+    for name in ("grouped", "looped"):
+        real = getattr(experts, name)
+        setattr(experts, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
     for ids, grouped in ((balanced, True), (skewed, False)):
         flat = ids.reshape(-1)
         counts = torch.bincount(flat, minlength=E)
-        assert (int(counts.max()) * E <= 2 * flat.numel()) == grouped
-        x = torch.randn(40, cfg.hidden_size, generator=gen)
-        w = torch.rand(40, k, generator=gen)
+        padded = int(counts.max()) * E
+        assert (padded <= 2 * flat.numel() and padded - flat.numel() <= moe._LOOP_CALL_ROWS * E) == grouped
+        x = torch.randn(N, cfg.hidden_size, generator=gen)
+        w = torch.rand(N, k, generator=gen)
         grads = []
         for run in ("forward", "looped"):
             xi = x.clone().requires_grad_()
@@ -155,5 +162,6 @@ def test_grouped_experts_equal_the_per_expert_loop():
             y = experts(xi, ids, w) if run == "forward" else experts.looped(xi, order, counts.tolist(), k, w)
             (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
             grads.append((y.detach(), xi.grad, *(p.grad for p in experts.parameters())))
+        assert ran[-2:] == ["grouped" if grouped else "looped", "looped"]
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

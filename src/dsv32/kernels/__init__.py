@@ -112,11 +112,14 @@ def resolve_gqa_backend(backend: str, device: torch.device) -> str:
 
 def select_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int, q_start: int = 0,
                 key_valid: torch.Tensor | None = None, window: int = 0, sink: int = 0,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", ordered: bool = True) -> torch.Tensor:
     """Selected key slots (B, T, window + sink + min(topk, S)) int64, -1 = empty; forced
-    window/sink slots first, then the top-k best first."""
-    return _SELECTORS[resolve_selector(backend, q.device)](q, w, k, topk, q_start=q_start, key_valid=key_valid,
-                                                           window=window, sink=sink)
+    window/sink slots first, then the top-k best first. `ordered=False` lets the selector
+    return each row's top-k in any order (the same set; the torch selector then skips sorting
+    the winners) -- for a caller that reads the selection as a set."""
+    name = resolve_selector(backend, q.device)
+    extra = {} if ordered or name != "torch" else {"ordered": False}
+    return _SELECTORS[name](q, w, k, topk, q_start=q_start, key_valid=key_valid, window=window, sink=sink, **extra)
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,
@@ -129,21 +132,26 @@ def sparse_mla_absorbed(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor, 
                         backend: str = "auto") -> torch.Tensor:
     """Sparse MLA from un-absorbed queries: (B, T, H, d_v) in kv's dtype; see `absorbed.py`
     (and `torch_masked.py` for the masked path, which "auto" picks by its cost rule in training)."""
-    name = resolve_backend(backend, kv.device)
-    if name == "masked" or (backend == "auto" and name == "torch" and _masked_is_cheaper(q_n, q_r, kv, indices, w_uv)):
+    if attends_masked(q_n, q_r, kv, indices.shape[-1], w_uv, backend):
         return absorb_attend_masked(q_n, q_r, kv, indices, w_uk, w_uv, scale)
-    attend = functools.partial(sparse_mla, backend=name)
+    attend = functools.partial(sparse_mla, backend=resolve_backend(backend, kv.device))
     return absorb_attend(attend, q_n, q_r, kv, indices, w_uk, w_uv, scale)
 
 
-def _masked_is_cheaper(q_n, q_r, kv, indices, w_uv) -> bool:
-    """The cost rule, applied only on CPU (where it was measured) and with gradients (its
+def attends_masked(q_n: torch.Tensor, q_r: torch.Tensor, kv: torch.Tensor, width: int, w_uv: torch.Tensor,
+                   backend: str = "auto") -> bool:
+    """Whether `sparse_mla_absorbed` with these arguments and a selection `width` slots wide
+    runs the masked path, which reads the selection as a set (its order does not matter).
+    "auto" applies the cost rule only on CPU (where it was measured) and with gradients (its
     crossover is measured forward+backward)."""
+    name = resolve_backend(backend, kv.device)
+    if name == "masked":
+        return True
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q_n, q_r, kv, w_uv))
-    if kv.device.type != "cpu" or not training:
+    if backend != "auto" or name != "torch" or kv.device.type != "cpu" or not training:
         return False
     B, T, H, d_n = q_n.shape
-    return choose_masked(T, kv.shape[1], H, indices.shape[-1], d_n + q_r.shape[-1], w_uv.shape[1], kv.shape[-1])
+    return choose_masked(T, kv.shape[1], H, width, d_n + q_r.shape[-1], w_uv.shape[1], kv.shape[-1])
 
 
 def sparse_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float,
@@ -155,6 +163,6 @@ def sparse_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch
 __all__ = ["select_topk", "sparse_gqa", "sparse_gqa_reference", "sparse_gqa_torch", "register_gqa_backend",
            "resolve_gqa_backend", "sparse_mla", "sparse_mla_absorbed", "select_topk_reference", "select_topk_torch",
            "sparse_mla_reference", "sparse_mla_torch", "sparse_mla_masked", "absorb_attend_masked",
-           "choose_masked", "index_scores", "index_scores_tiled", "allowed_keys",
+           "attends_masked", "choose_masked", "index_scores", "index_scores_tiled", "allowed_keys",
            "masked_attention", "indices_to_mask", "register_backend", "register_selector", "resolve_backend",
            "resolve_selector"]

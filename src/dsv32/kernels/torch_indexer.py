@@ -29,8 +29,8 @@ import torch
 
 from .reference import allowed_keys, forced_slots
 
-_SCORE_BUDGET_BYTES = 64 * 2**20   # per block of queries: (block, S) scores + their int64 codes
-_ROWS_PER_BLOCK = 2048             # queries x H_I rows per matmul: a good GEMM shape on CPU
+_SCORE_BUDGET_BYTES = 64 * 2**20   # per block of queries: (block, S) float32 scores + their int64 codes
+_ROWS_PER_BLOCK = 1024             # queries x H_I per block: a good GEMM shape, few keys past the diagonal
 _DECODE_ROWS = 256                 # at most this many (query, head) rows: key-major product
 _DECODE_TILE_BYTES = 2 * 2**20     # the key-major product's tile: 2 MiB (8K keys x 64 heads, 128K x 4)
 _FUSED_TILE_BYTES = 2**20          # the same with oneDNN's fused product + ReLU: 1 MiB (4K keys x 64 heads)
@@ -39,13 +39,16 @@ _LOW = 0x7FFFFFFF                  # low word of a code: _LOW - slot (slots < 2^
 
 
 @torch.no_grad()
-def index_scores_tiled(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, tile: int = _KEY_TILE) -> torch.Tensor:
+def index_scores_tiled(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, tile: int = _KEY_TILE,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """`index_scores` without autograd, one tile of keys at a time: the (T·H_I, tile) product,
     its ReLU and the head-weighted sum stay in cache instead of streaming a (T, H_I, S) tensor
-    through memory three times (measured 38% -> ~100% of the fp32 matmul rate on CPU)."""
+    through memory three times (measured 38% -> ~100% of the fp32 matmul rate on CPU).
+    `out`: an optional (B, T, S) float32 buffer to write into (the selection reuses one)."""
     B, T, Hi, d = q.shape
     S = k.shape[1]
-    out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
     if T * Hi <= _DECODE_ROWS:
         return _index_scores_key_major(q, w, k, out)
     tile = max(1, min(tile, S))
@@ -120,29 +123,44 @@ def order_codes(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     scores float32 (any shape), slots int (broadcastable to it). The high word is the float's
     bits with the magnitude bits of negatives flipped (monotone in the value; -0.0 first mapped
     to 0.0), the low word `_LOW - slot`. -inf (not allowed) codes below every finite score."""
-    bits = torch.where(scores == 0, 0.0, scores.float()).view(torch.int32)
-    bits ^= (bits >> 31).bitwise_and_(_LOW)                 # in place: (block, S) tensors are large
-    codes = bits.to(torch.int64).bitwise_left_shift_(32)
-    return codes.bitwise_or_(_LOW - slots.to(torch.int64))
+    scores = scores.float()
+    codes = torch.empty(scores.shape, dtype=torch.int64, device=scores.device)
+    return codes_into_(scores.add(0.0), _LOW - slots.to(torch.int64), codes)
+
+
+def codes_into_(scores: torch.Tensor, low: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """`order_codes` written into `codes` (int64, scores' shape) with the low words `low`
+    (= _LOW - slot, broadcastable) given, in a few in-place passes; `scores` (float32,
+    contiguous, -0.0 already mapped to 0.0) is overwritten. The passes reuse the caller's
+    buffers: a fresh (block, S) int64 tensor per op costs several times the op itself on CPU
+    (first-touch page faults of a large allocation)."""
+    bits = scores.view(torch.int32)
+    sign = codes.view(-1).view(torch.int32)[: bits.numel()].view(bits.shape)   # scratch: codes' first half
+    torch.bitwise_right_shift(bits, 31, out=sign)            # 0 or -1
+    bits.bitwise_xor_(sign.bitwise_and_(_LOW))               # flip the magnitude bits of negatives
+    codes.copy_(bits)                                        # overwrites the scratch; sign-extends
+    return codes.bitwise_left_shift_(32).bitwise_or_(low)
 
 
 _NEG_INF_KEY = int(order_codes(torch.tensor([float("-inf")]), torch.zeros(1, dtype=torch.long)) >> 32)
 
 
-def topk_ordered(codes: torch.Tensor, kk: int) -> torch.Tensor:
+def topk_ordered(codes: torch.Tensor, kk: int, ordered: bool = True) -> torch.Tensor:
     """The `kk` best of each row of `codes` (from `order_codes`), best first, as slots int64;
-    -1 where the score was -inf (fewer allowed keys than kk)."""
-    top = codes.topk(kk, dim=-1).values
+    -1 where the score was -inf (fewer allowed keys than kk). `ordered=False`: the same set in
+    an unspecified order (skips sorting the winners, about a third of the top-k's time)."""
+    top = codes.topk(kk, dim=-1, sorted=ordered).values
     return torch.where((top >> 32) > _NEG_INF_KEY, _LOW - (top & 0xFFFFFFFF), -1)
 
 
 @torch.no_grad()
 def select_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int, q_start: int = 0,
                       key_valid: torch.Tensor | None = None, window: int = 0, sink: int = 0,
-                      block: int | None = None) -> torch.Tensor:
+                      block: int | None = None, ordered: bool = True) -> torch.Tensor:
     """Top-k key slots per query by indexer score, over allowed keys only, in the order of the
     module docstring. `block` = queries scored at once (default: bounded by _ROWS_PER_BLOCK
-    matmul rows and _SCORE_BUDGET_BYTES).
+    matmul rows and _SCORE_BUDGET_BYTES). `ordered=False`: each row's top-k in an unspecified
+    order -- the same set, for callers that read it as a set (the masked attention path).
 
     q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I); queries sit at slots q_start..q_start+T-1.
     Returns (B, T, window + sink + min(topk, S)) int64; -1 marks an empty slot (fewer allowed
@@ -153,14 +171,22 @@ def select_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: i
     width = window + sink + K
     out = torch.full((B, T, width), -1, dtype=torch.long, device=q.device)
     if block is None:
-        block = max(1, min(_ROWS_PER_BLOCK // Hi, _SCORE_BUDGET_BYTES // max(1, 16 * S * B)))
+        block = max(1, min(_ROWS_PER_BLOCK // Hi, _SCORE_BUDGET_BYTES // max(1, 12 * S * B)))
+    block = max(1, min(block, T))
     slots = torch.arange(S, device=q.device)
+    low = _LOW - slots
+    # One scores and one codes buffer for all blocks (views of the block's contiguous shape).
+    score_buf = torch.empty(B * block * S, dtype=torch.float32, device=q.device)
+    code_buf = torch.empty(B * block * S, dtype=torch.int64, device=q.device)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         q_slots = torch.arange(q_start + t0, q_start + t1, device=q.device)
         n_keys = min(S, q_start + t1)                     # keys past the last query never count
-        scores = index_scores_tiled(q[:, t0:t1], w[:, t0:t1], k[:, :n_keys])
-        scores.masked_fill_(~allowed_keys(n_keys, q_slots, key_valid), float("-inf"))
+        shape = (B, t1 - t0, n_keys)
+        scores = index_scores_tiled(q[:, t0:t1], w[:, t0:t1], k[:, :n_keys],
+                                    out=score_buf[: B * (t1 - t0) * n_keys].view(shape))
+        scores.add_(0.0)                                  # -0.0 -> 0.0 (ranks as 0.0)
+        _mask_disallowed_(scores, q_start + t0, q_slots, slots[:n_keys], key_valid)
         col = 0
         if window or sink:
             forced = forced_slots(q_slots, key_valid, B, window, sink)
@@ -170,5 +196,18 @@ def select_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: i
             scores.masked_fill_(taken[..., :n_keys], float("-inf"))
             col = window + sink
         kk = min(K, n_keys)
-        out[:, t0:t1, col: col + kk] = topk_ordered(order_codes(scores, slots[:n_keys]), kk)
+        codes = codes_into_(scores, low[:n_keys], code_buf[: B * (t1 - t0) * n_keys].view(shape))
+        out[:, t0:t1, col: col + kk] = topk_ordered(codes, kk, ordered)
     return out
+
+
+def _mask_disallowed_(scores: torch.Tensor, first: int, q_slots: torch.Tensor, key_slots: torch.Tensor,
+                      key_valid: torch.Tensor | None) -> None:
+    """-inf where a key is not allowed (after its query's slot, or padding), in place; `first` =
+    the block's first query slot. Only keys after it can be causally masked, so the causal part
+    touches the (block, block) corner of the scores, not all of them."""
+    c0 = min(scores.shape[-1], first + 1)
+    if c0 < scores.shape[-1]:
+        scores[..., c0:].masked_fill_(key_slots[c0:] > q_slots[:, None], float("-inf"))
+    if key_valid is not None:
+        scores.masked_fill_(~key_valid[:, None, : scores.shape[-1]], float("-inf"))

@@ -108,10 +108,11 @@ class MLA(nn.Module):
             _check_replay(replay, self.layer_idx, B, T)
         indices = None
         if opts.sparse and (select or rec.record_indices):
+            as_set = self._reads_set(q_n, q_r, latent_all, topk, opts, form, select, rec, replay)
             with torch.no_grad():
                 q_index, w_index = self.indexer.queries(x.detach(), c_q.detach(), ctx.cos, ctx.sin)
                 indices = self.indexer.select(q_index, w_index, k_index_all, ctx.q_start, ctx.key_valid,
-                                              opts.backend, topk)
+                                              opts.backend, topk, ordered=not as_set)
                 if replay is not None:
                     indices = _with_replay(indices, replay)
             if rec.record_indices:
@@ -129,6 +130,14 @@ class MLA(nn.Module):
         if q_valid is not None:
             out = out * q_valid[:, :, None, None].to(out.dtype)   # padding queries attend to nothing
         return self.o_proj(out.reshape(B, T, self.n_heads * self.d_v).to(x.dtype))
+
+    def _reads_set(self, q_n, q_r, latent, topk: int, opts, form: str, select: bool, rec, replay) -> bool:
+        """True when nothing reads the selection's order: the masked attention path runs (it
+        turns the selection into a mask) and the indices are neither recorded nor replayed."""
+        if not select or form != "absorbed" or rec.record_indices or replay is not None:
+            return False
+        width = self.indexer.window + self.indexer.sink + min(topk, latent.shape[1])
+        return kernels.attends_masked(q_n, q_r, latent, width, self.absorbed_weights()[1], opts.backend)
 
     def _form(self, opts, T: int, ctx: ForwardContext) -> str:
         if opts.form != "auto":

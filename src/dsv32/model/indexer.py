@@ -86,9 +86,9 @@ class Indexer(nn.Module):
     # -------------------------------------------------------------------------------
     def select(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_start: int = 0,
                key_valid: torch.Tensor | None = None, backend: str = "auto",
-               topk: int | None = None) -> torch.Tensor:
+               topk: int | None = None, ordered: bool = True) -> torch.Tensor:
         """Selected key slots (B, T, window + sink + min(topk, S)) int64, -1 for empty slots;
-        see `kernels.select_topk`. `topk` None = `config.index_topk`."""
+        see `kernels.select_topk` (and its `ordered`). `topk` None = `config.index_topk`."""
         k_sel = self.config.index_topk if topk is None else topk
         return kernels.select_topk(q, w, k, k_sel, q_start=q_start, key_valid=key_valid,
-                                   window=self.window, sink=self.sink, backend=backend)
+                                   window=self.window, sink=self.sink, backend=backend, ordered=ordered)
