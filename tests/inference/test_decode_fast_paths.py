@@ -18,6 +18,8 @@ def test_decode_scores_match_reference(T, Hi, d, S, fused, monkeypatch):
         pytest.skip("torch built without oneDNN")
     if not fused:
         monkeypatch.setattr(torch_indexer, "_linear_relu", lambda: None)
+    else:                                   # 256-key oneDNN tiles: whole tiles and a partial one
+        monkeypatch.setattr(torch_indexer, "_FUSED_TILE_BYTES", 4 * T * Hi * 256)
     g = torch.Generator().manual_seed(T + Hi + S)
     q, w, k = torch.randn(2, T, Hi, d, generator=g), torch.randn(2, T, Hi, generator=g), torch.randn(2, S, d, generator=g)
     torch.testing.assert_close(index_scores_tiled(q, w, k), index_scores(q, w, k), rtol=1e-5, atol=1e-4)
@@ -46,6 +48,7 @@ def test_decode_scores_without_onednn_when_switched_off(monkeypatch):
     if real is None:
         pytest.skip("torch built without oneDNN")
     monkeypatch.setattr(torch_indexer, "_onednn_linear", lambda: lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch_indexer, "_FUSED_TILE_BYTES", 4 * 8 * 100)
     g = torch.Generator().manual_seed(1)
     q, w, k = torch.randn(1, 1, 8, 16, generator=g), torch.randn(1, 1, 8, generator=g), torch.randn(1, 300, 16, generator=g)
     torch.backends.mkldnn.enabled = False
@@ -57,3 +60,20 @@ def test_decode_scores_without_onednn_when_switched_off(monkeypatch):
     on = index_scores_tiled(q, w, k)
     assert calls
     torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_sees_one_shape_whatever_the_cache_length(monkeypatch):
+    """oneDNN compiles per shape, so it gets whole tiles only: a cache shorter than a tile (a
+    decode's growing cache, a GRPO rollout) and the last partial tile go to torch.mm."""
+    real = torch_indexer._onednn_linear()
+    if real is None:
+        pytest.skip("torch built without oneDNN")
+    shapes = []
+    monkeypatch.setattr(torch_indexer, "_onednn_linear", lambda: lambda *a: shapes.append(tuple(a[0].shape)) or real(*a))
+    monkeypatch.setattr(torch_indexer, "_FUSED_TILE_BYTES", 4 * 8 * 128)           # 128-key tiles
+    g = torch.Generator().manual_seed(2)
+    q, w = torch.randn(1, 1, 8, 16, generator=g), torch.randn(1, 1, 8, generator=g)
+    for S in (5, 127, 128, 129, 300, 512):
+        k = torch.randn(1, S, 16, generator=g)
+        torch.testing.assert_close(index_scores_tiled(q, w, k), index_scores(q, w, k), rtol=1e-5, atol=1e-4)
+    assert set(shapes) == {(128, 16)} and len(shapes) == 1 + 1 + 2 + 4

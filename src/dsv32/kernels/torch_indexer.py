@@ -75,20 +75,28 @@ def _index_scores_key_major(q, w, k, out):
     On CPU with oneDNN the product and the ReLU are one oneDNN call (`_linear_relu`), in 1 MiB
     tiles: one thread measured 7.9-9.2 ms against 16-19 ms for MKL's product + ReLU at S = 64K,
     H_I = 64, d_I = 128 (oneDNN's fp32 GEMM runs ~2x MKL's on the AMD EPYC CPUs we measured).
-    Otherwise `torch.mm` into a reused buffer and an in-place ReLU, in 2 MiB tiles that keep the
-    product in the caches while ReLU and the head sum read it (8 MiB measured ~10% slower)."""
+    oneDNN compiles a kernel for each new shape (~0.5-2 ms), so it runs only over whole tiles,
+    whose shape is fixed by the model (T·H_I): the last, partial tile, and a cache shorter than
+    one tile -- whose length changes with every decoded token, as in every GRPO rollout -- take
+    `torch.mm` into a reused buffer and an in-place ReLU, in 2 MiB tiles that keep the product in
+    the caches while ReLU and the head sum read it (8 MiB measured ~10% slower)."""
     B, T, Hi, d = q.shape
     S = k.shape[1]
     fused = _linear_relu() if q.device.type == "cpu" else None
-    tile = max(1, min(S, (_FUSED_TILE_BYTES if fused else _DECODE_TILE_BYTES) // (4 * T * Hi)))
-    buf = None if fused else torch.empty(tile * T * Hi, dtype=torch.float32, device=q.device)
+    fused_tile = _FUSED_TILE_BYTES // (4 * T * Hi)
+    if fused is None or S < fused_tile:
+        fused = None                          # see the docstring: oneDNN only over whole tiles
+        tile = max(1, min(S, _DECODE_TILE_BYTES // (4 * T * Hi)))
+    else:
+        tile = fused_tile
+    buf = torch.empty(tile * T * Hi, dtype=torch.float32, device=q.device)
     for b in range(B):
         q2, wb = q[b].reshape(T * Hi, d).float().contiguous(), w[b].float()
         qt = q2.t()
         for s0 in range(0, S, tile):
             n = min(tile, S - s0)
             keys = k[b, s0:s0 + n].float()
-            if fused:
+            if fused is not None and n == tile:
                 sc = fused(keys.contiguous(), q2, None, "relu", [None], "")             # (n, T·H_I)
             else:
                 sc = buf[: n * T * Hi].view(n, T * Hi)
