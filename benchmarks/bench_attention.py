@@ -42,7 +42,8 @@ import time
 
 import torch
 
-from common import D_I, D_N, D_R, D_V, H_I, R_KV, build_layer, matmul_peak, peak_bytes, rss_bytes
+from common import (D_I, D_N, D_R, D_V, H_I, R_KV, build_layer, matmul_peak, onednn_matmul_peak, peak_bytes,
+                    rss_bytes)
 
 
 def flops(T: int, H: int, k: int) -> dict[str, float]:
@@ -144,10 +145,14 @@ def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
 
 
-def sparse_table(args, Ts: list[int], peak: float) -> None:
+def share(gflops: float, peak: float | None) -> str:
+    return f"{gflops / peak:4.0%}" if peak else " n/a"
+
+
+def sparse_table(args, Ts: list[int], peak: float, dnn_peak: float | None) -> None:
     """--sparse-only: the sparse rows alone (indexer, attention, and the gather-attention kernel)."""
     header = ("|     T |   H |    k | sparse s (index + attention) | kernel s | kernel GFLOP/s (% peak) | "
-              "index GFLOP/s | sparse mem GiB |")
+              "% oneDNN peak | index GFLOP/s | sparse mem GiB |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for H in args.heads:
@@ -159,7 +164,7 @@ def sparse_table(args, Ts: list[int], peak: float) -> None:
                 kernel = f["sparse"] / s["kernel"] / 1e9
                 print(f"| {T:5d} | {H:3d} | {k:4d} | {s['index'] + s['attention']:7.2f} ({s['index']:6.2f} + "
                       f"{s['attention']:6.2f}) | {s['kernel']:8.2f} | {kernel:9.1f} ({kernel / peak:4.0%}) | "
-                      f"{f['indexer'] / s['index'] / 1e9:13.1f} | {gib(s['peak']):>14} |", flush=True)
+                      f"{share(kernel, dnn_peak):>13} | {f['indexer'] / s['index'] / 1e9:13.1f} | {gib(s['peak']):>14} |", flush=True)
 
 
 def main() -> None:
@@ -184,15 +189,16 @@ def main() -> None:
         clock = time.thread_time
         torch.set_num_threads(1)
 
-    peak = matmul_peak(clock=clock)
+    peak, dnn_peak = matmul_peak(clock=clock), onednn_matmul_peak(clock=clock)
     print(f"fp32 matmul peak (2048^3, {torch.get_num_threads()} threads, {'thread CPU' if args.cpu_time else 'wall'} "
-          f"time): {peak:.1f} GFLOP/s")
+          f"time): {peak:.1f} GFLOP/s torch.mm (MKL), "
+          f"{f'{dnn_peak:.1f} GFLOP/s' if dnn_peak else 'n/a'} oneDNN; '% peak' is of the torch.mm one")
     print(f"torch {torch.__version__}; dims r_kv={R_KV} d_r={D_R} d_n={D_N} d_v={D_V} H_I={H_I} d_I={D_I}; "
           f"hidden {args.hidden}\n")
     if args.sparse_only:
-        return sparse_table(args, Ts, peak)
+        return sparse_table(args, Ts, peak, dnn_peak)
     header = ("|     T |   H |    k | dense s | sparse s (index + attention) | bound | speedup | share | "
-              "kernel GFLOP/s (% peak) | index GFLOP/s | dense mem GiB | sparse mem GiB |")
+              "kernel GFLOP/s (% peak) | % oneDNN peak | index GFLOP/s | dense mem GiB | sparse mem GiB |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     mems: dict[tuple[int, int], list[tuple[int, float]]] = {}
@@ -220,8 +226,8 @@ def main() -> None:
                 kernel = f["sparse"] / s["kernel"] / 1e9
                 print(f"| {T:5d} | {H:3d} | {k:4d} | {d['core']:7.2f} | {sparse_time:7.2f} ({s['index']:6.2f} + "
                       f"{s['attention']:6.2f}) | {bound:5.2f} | {speedup:7.2f} | {speedup / bound:5.0%} | "
-                      f"{kernel:9.1f} ({kernel / peak:4.0%}) | {f['indexer'] / s['index'] / 1e9:13.1f} | "
-                      f"{gib(d['peak']):>13} | {gib(s['peak']):>14} |", flush=True)
+                      f"{kernel:9.1f} ({kernel / peak:4.0%}) | {share(kernel, dnn_peak):>13} | "
+                      f"{f['indexer'] / s['index'] / 1e9:13.1f} | {gib(d['peak']):>13} | {gib(s['peak']):>14} |", flush=True)
                 mems.setdefault((H, k), []).append((T, s["peak"]))
     print("\ntimes exclude the projections that both paths share (q, kv, o); the sparse attention part includes "
           "the absorption of W_uk / W_uv, the kernel GFLOP/s counts the gather-attention kernel alone; memory is "

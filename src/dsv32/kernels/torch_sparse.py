@@ -21,7 +21,9 @@ Two forward paths, chosen per call by `_forward`:
   product); P g[:, :dv] contracts their outer dim, which a 1x1 convolution takes as its input
   channels in place (the inner product would need g transposed, a slower copy than the
   convolution's own reorder). A row with padding (-1 slots) attends over its valid slots
-  only, so the first queries of a prefill do only the work they need.
+  rounded up to a multiple of `_PAD_BUCKET` (the extra slots masked): the first queries of a
+  prefill do about the work they need, and oneDNN, which compiles a kernel per shape, sees at
+  most K / `_PAD_BUCKET` shapes instead of one per row length.
 
 Shapes are those of `reference.py`. Math in float32; results cast back to q's dtype.
 """
@@ -40,6 +42,7 @@ _BUDGET_BYTES = 2 * 2**20  # per-block work buffers: about one core's L2 cache
 # H * K from which the per-query oneDNN path is faster than blocks on MKL (one thread, fp32,
 # C=576, dv=512, per-query/blocked time: H=16 K=512 1.3x slower; H=16 K=2048 0.86x; H=64 K=512 0.73x).
 _PER_QUERY_MIN_HK = 32768
+_PAD_BUCKET = 128
 
 
 def _block_size(T: int, H: int, K: int, C: int, backward: bool = False) -> int:
@@ -96,24 +99,31 @@ def _forward_per_query(q, kv, indices, scale, dv):
     lse = torch.empty(B, T, H, dtype=torch.float32)   # base 2 until the end
     g_buf = torch.empty(K, C, dtype=torch.float32)      # gathered rows
     v_buf = torch.empty(K, dv, dtype=torch.float32)     # their first dv columns, contiguous
+    rows_buf = torch.empty(K, dtype=indices.dtype)
     q_t = torch.empty(H, C, dtype=torch.float32)
     m, denom = torch.empty(H, 1, dtype=torch.float32), torch.empty(H, 1, dtype=torch.float32)
     padded = (indices.amin(dim=-1) < 0).tolist()        # (B, T): rows with any -1 slot
     for b in range(B):
         kv_b = kv[b]
         for t in range(T):
-            idx = indices[b, t]
+            idx, n_valid = indices[b, t], K
             if padded[b][t]:
-                idx = idx[idx >= 0]
-                if idx.numel() == 0:
+                valid = idx[idx >= 0]
+                n_valid = valid.numel()
+                if n_valid == 0:
                     out[b, t] = 0.0
                     lse[b, t] = float("-inf")
                     continue
+                idx = rows_buf[: min(K, -(-n_valid // _PAD_BUCKET) * _PAD_BUCKET)]
+                idx[:n_valid] = valid
+                idx[n_valid:] = 0                                        # any row; masked below
             k = idx.numel()
             g, v = g_buf[:k], v_buf[:k]
             torch.index_select(kv_b, 0, idx, out=g)
             torch.mul(q[b, t], scale * _LOG2E, out=q_t)                  # scores in base 2
             s = inner(q_t, g, None, "none", [], "")                      # (H, k) = q_t g^T
+            if n_valid < k:
+                s[:, n_valid:] = float("-inf")
             torch.amax(s, dim=-1, keepdim=True, out=m)
             s.sub_(m).exp2_()
             torch.sum(s, dim=-1, keepdim=True, out=denom)
