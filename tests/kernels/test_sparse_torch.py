@@ -55,11 +55,21 @@ needs_onednn = pytest.mark.skipif(torch_sparse._onednn_ops() is None, reason="th
 
 @needs_onednn
 @pytest.mark.parametrize("path", ["blocked", "per_query"])
-def test_forward_paths_match_reference_at_many_heads(path):
+@pytest.mark.parametrize("K", [48, 128])
+def test_forward_paths_match_reference_at_many_heads(path, K):
     """Both forward paths at a shape where the oneDNN products use their blocked kernels
-    (H=32, K=48, C=72, dv=64), over a strided cache view, with padded rows and an empty row."""
-    q, buffer, idx = make(2, 6, 80, 32, 72, 48, seed=4)
-    kv = torch.cat([buffer, buffer], dim=1)[:, :80]          # (B, S, C) view with a batch stride of 2S
+    (H=32, C=72, dv=64), over a strided cache view: full rows (K=128: one oneDNN shape, no
+    masked slots; K=48: rounded up), rows padded at the end (a prefill's first queries), rows
+    padded anywhere, and an empty row."""
+    g = torch.Generator().manual_seed(4)
+    B, T, S, H, C = 2, 6, 160, 32, 72
+    q = torch.randn(B, T, H, C, generator=g)
+    buffer = torch.randn(B, 2 * S, C, generator=g)
+    kv = buffer[:, :S]                                        # (B, S, C) view with a batch stride of 2S
+    idx = torch.argsort(torch.rand(B, T, S, generator=g), dim=-1)[..., :K]
+    idx[0, 1, 5:] = -1                                        # padded at the end
+    idx[1, 2, torch.rand(K, generator=g) < 0.5] = -1          # padded anywhere
+    idx[0, 0] = -1                                            # empty
     ref, ref_lse = kernels.sparse_mla_reference(q, kv.contiguous(), idx, 0.1, 64)
     out, lse = torch_sparse._forward(q, torch_sparse.unit_stride_rows(kv), idx, 0.1, 64, path)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -20,10 +20,11 @@ Two forward paths, chosen per call by `_forward`:
   `_convolution_pointwise`: the scores q g^T contract the gathered rows' inner dim (an inner
   product); P g[:, :dv] contracts their outer dim, which a 1x1 convolution takes as its input
   channels in place (the inner product would need g transposed, a slower copy than the
-  convolution's own reorder). A row with padding (-1 slots) attends over its valid slots
-  rounded up to a multiple of `_PAD_BUCKET` (the extra slots masked): the first queries of a
-  prefill do about the work they need, and oneDNN, which compiles a kernel per shape, sees at
-  most K / `_PAD_BUCKET` shapes instead of one per row length.
+  convolution's own reorder). Each row attends over its valid slots (not -1) rounded up to a
+  multiple of `_PAD_BUCKET` (the extra slots masked): the first queries of a prefill do about
+  the work they need, and oneDNN, which compiles a kernel per shape (~3 ms a pair at H=128),
+  sees a few shapes, not one per row length (or per decode step while the cache is shorter
+  than top-k).
 
 Shapes are those of `reference.py`. Math in float32; results cast back to q's dtype.
 """
@@ -97,27 +98,28 @@ def _forward_per_query(q, kv, indices, scale, dv):
     K = indices.shape[-1]
     out = torch.empty(B, T, H, dv, dtype=torch.float32)
     lse = torch.empty(B, T, H, dtype=torch.float32)   # base 2 until the end
-    g_buf = torch.empty(K, C, dtype=torch.float32)      # gathered rows
-    v_buf = torch.empty(K, dv, dtype=torch.float32)     # their first dv columns, contiguous
-    rows_buf = torch.empty(K, dtype=indices.dtype)
+    K_max = -(-K // _PAD_BUCKET) * _PAD_BUCKET
+    g_buf = torch.empty(K_max, C, dtype=torch.float32)  # gathered rows
+    v_buf = torch.empty(K_max, dv, dtype=torch.float32)  # their first dv columns, contiguous
+    rows_buf = torch.empty(K_max, dtype=indices.dtype)
     q_t = torch.empty(H, C, dtype=torch.float32)
     m, denom = torch.empty(H, 1, dtype=torch.float32), torch.empty(H, 1, dtype=torch.float32)
     padded = (indices.amin(dim=-1) < 0).tolist()        # (B, T): rows with any -1 slot
     for b in range(B):
         kv_b = kv[b]
         for t in range(T):
-            idx, n_valid = indices[b, t], K
-            if padded[b][t]:
-                valid = idx[idx >= 0]
-                n_valid = valid.numel()
-                if n_valid == 0:
-                    out[b, t] = 0.0
-                    lse[b, t] = float("-inf")
-                    continue
-                idx = rows_buf[: min(K, -(-n_valid // _PAD_BUCKET) * _PAD_BUCKET)]
+            idx = indices[b, t]
+            valid = idx[idx >= 0] if padded[b][t] else idx
+            n_valid = valid.numel()
+            if n_valid == 0:
+                out[b, t] = 0.0
+                lse[b, t] = float("-inf")
+                continue
+            k = -(-n_valid // _PAD_BUCKET) * _PAD_BUCKET
+            if k != K or padded[b][t]:
+                idx = rows_buf[:k]
                 idx[:n_valid] = valid
                 idx[n_valid:] = 0                                        # any row; masked below
-            k = idx.numel()
             g, v = g_buf[:k], v_buf[:k]
             torch.index_select(kv_b, 0, idx, out=g)
             torch.mul(q[b, t], scale * _LOG2E, out=q_t)                  # scores in base 2
