@@ -10,7 +10,9 @@ causal attention with the same weights, at the V3.2 attention dims.
 (time.thread_time), the matmul peak too: wall time with two threads on a shared machine is
 mostly the neighbours' load. --sparse-only skips the dense baseline (minutes at T=16K, H=128)
 and prints the sparse rows only; --repeats runs each sparse child that many times and reports
-the medians.
+the medians. Two fp32 matmul peaks are printed: torch.mm's (MKL; the one '% peak' refers to)
+and oneDNN's, which on AMD processors is up to ~2x higher because MKL runs its AVX2 code
+there; the kernel uses oneDNN at many heads (kernels/torch_sparse.py), so both are shown.
 
 Dims: r_kv=512, d_r=64, d_n=128, d_v=128, H_I=64, d_I=128, q_lora_rank=1536; hidden size is
 reduced (--hidden, default 1024) because only the attention is measured. Float32 on CPU.
