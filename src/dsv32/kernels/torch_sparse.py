@@ -1,5 +1,5 @@
 """Sparse absorbed-MLA attention in plain torch: gather the selected latent rows per block of
-queries and attend only over them. Cost O(T·K·H·C), memory O(T·H·C + block·K·C); no T×S
+queries (or per query, below) and attend only over them. Cost O(T·K·H·C), memory O(T·H·C + block·K·C); no T×S
 tensor is ever built. Forward and backward are a custom autograd Function that saves only
 the inputs, the output and the log-sum-exp (the backward re-gathers, as flash attention does).
 
@@ -40,8 +40,9 @@ from .layout import unit_stride_rows
 
 _LOG2E = 1.0 / math.log(2.0)
 _BUDGET_BYTES = 2 * 2**20  # per-block work buffers: about one core's L2 cache
-# H * K from which the per-query oneDNN path is faster than blocks on MKL (one thread, fp32,
-# C=576, dv=512, per-query/blocked time: H=16 K=512 1.3x slower; H=16 K=2048 0.86x; H=64 K=512 0.73x).
+# H * K from which the per-query oneDNN path is faster than blocks on MKL (fp32, C=576, dv=512,
+# per-query / blocked time at one thread: H=16 K=512 1.3; H=16 K=2048 0.86; H=64 K=512 0.73;
+# H=128 K=512 and 2048 0.67; at two threads: H=16 K=2048 0.96, H=64 K=512 0.81, H=128 0.65).
 _PER_QUERY_MIN_HK = 32768
 _PAD_BUCKET = 128
 
