@@ -50,7 +50,7 @@ def test_forward_backward_match_reference(B, T, S, H, seed, budget, min_hk):
         torch_sparse._BUDGET_BYTES, torch_sparse._PER_QUERY_MIN_HK = old
 
 
-needs_onednn = pytest.mark.skipif(torch_sparse._onednn_ops() is None, reason="this torch build has no oneDNN ops")
+needs_onednn = pytest.mark.skipif(torch_sparse._onednn_inner() is None, reason="this torch build has no oneDNN ops")
 
 
 @needs_onednn
