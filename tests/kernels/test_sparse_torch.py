@@ -24,13 +24,15 @@ def make(B, T, S, H, C, K, seed, empty_row=True):
 
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 2), T=st.integers(1, 9), S=st.integers(1, 12), H=st.integers(1, 5),
-       seed=st.integers(0, 1000), budget=st.sampled_from([64, 10**9]))
-def test_forward_backward_match_reference(B, T, S, H, seed, budget):
+       seed=st.integers(0, 1000), budget=st.sampled_from([64, 10**9]), min_hk=st.sampled_from([0, 10**9]))
+def test_forward_backward_match_reference(B, T, S, H, seed, budget, min_hk):
+    """budget 64: one query per block; min_hk 0: the per-query oneDNN forward (where torch has
+    oneDNN), 10**9: the blocked one."""
     C, dv = 12, 8
     K = min(S, 5)
     q, kv, idx = make(B, T, S, H, C, K, seed)
-    old = torch_sparse._BUDGET_BYTES
-    torch_sparse._BUDGET_BYTES = budget       # tiny budget: one query per block
+    old = torch_sparse._BUDGET_BYTES, torch_sparse._PER_QUERY_MIN_HK
+    torch_sparse._BUDGET_BYTES, torch_sparse._PER_QUERY_MIN_HK = budget, min_hk
     try:
         q1, kv1 = q.clone().requires_grad_(), kv.clone().requires_grad_()
         q2, kv2 = q.clone().requires_grad_(), kv.clone().requires_grad_()
@@ -45,7 +47,53 @@ def test_forward_backward_match_reference(B, T, S, H, seed, budget):
         torch.testing.assert_close(q1.grad, q2.grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(kv1.grad, kv2.grad, atol=1e-5, rtol=1e-4)
     finally:
-        torch_sparse._BUDGET_BYTES = old
+        torch_sparse._BUDGET_BYTES, torch_sparse._PER_QUERY_MIN_HK = old
+
+
+needs_onednn = pytest.mark.skipif(torch_sparse._onednn_inner() is None, reason="this torch build has no oneDNN ops")
+
+
+@needs_onednn
+@pytest.mark.parametrize("path", ["blocked", "per_query"])
+@pytest.mark.parametrize("K", [48, 128])
+def test_forward_paths_match_reference_at_many_heads(path, K):
+    """Both forward paths at a shape where the oneDNN products use their blocked kernels
+    (H=32, C=72, dv=64), over a strided cache view: full rows (K=128: one oneDNN shape, no
+    masked slots; K=48: rounded up), rows padded at the end (a prefill's first queries), rows
+    padded anywhere, and an empty row."""
+    g = torch.Generator().manual_seed(4)
+    B, T, S, H, C = 2, 6, 160, 32, 72
+    q = torch.randn(B, T, H, C, generator=g)
+    buffer = torch.randn(B, 2 * S, C, generator=g)
+    kv = buffer[:, :S]                                        # (B, S, C) view with a batch stride of 2S
+    idx = torch.argsort(torch.rand(B, T, S, generator=g), dim=-1)[..., :K]
+    idx[0, 1, 5:] = -1                                        # padded at the end
+    idx[1, 2, torch.rand(K, generator=g) < 0.5] = -1          # padded anywhere
+    idx[0, 0] = -1                                            # empty
+    ref, ref_lse = kernels.sparse_mla_reference(q, kv.contiguous(), idx, 0.1, 64)
+    out, lse = torch_sparse._forward(q, torch_sparse.unit_stride_rows(kv), idx, 0.1, 64, path)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert (out[0, 0] == 0).all() and torch.isinf(lse[0, 0]).all()
+
+
+@needs_onednn
+def test_the_per_query_path_is_chosen_for_many_heads_on_cpu():
+    q = torch.zeros(1, 1, 128, 8)
+    assert torch_sparse._choose_path(q, 512) == "per_query"          # H * K = 65536
+    assert torch_sparse._choose_path(q[:, :, :16], 512) == "blocked"  # 8192
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert torch_sparse._choose_path(q, 512) == "blocked"
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def test_unknown_forward_path():
+    q, kv, idx = make(1, 2, 4, 1, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="unknown sparse forward path 'fast'"):
+        torch_sparse._forward(q, kv, idx, 0.1, 2, "fast")
 
 
 def test_gradcheck_double():
