@@ -203,3 +203,27 @@ def test_no_queries_or_no_keys():
     q, w, k = torch.randn(1, 0, 4, 8), torch.randn(1, 0, 4), torch.randn(1, 5, 8)
     assert select_topk_torch(q, w, k, 3).shape == (1, 0, 3)
     assert select_topk_torch(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4), k[:, :0], 3).shape == (1, 2, 0)
+
+
+def test_prefill_scores_on_onednn_match_reference(monkeypatch):
+    """A standard block (T·H_I = _ROWS_PER_BLOCK rows) scores whole key tiles on oneDNN (product
+    + ReLU in one call) and the last, partial tile on torch.mm: equal to the reference, and equal
+    with oneDNN switched off."""
+    from dsv32.kernels import index_scores, index_scores_tiled, torch_indexer
+
+    real = torch_indexer._onednn_linear()
+    if real is None:
+        pytest.skip("torch built without oneDNN")
+    shapes = []
+    monkeypatch.setattr(torch_indexer, "_onednn_linear", lambda: lambda *a: shapes.append(tuple(a[1].shape)) or real(*a))
+    Hi = 4
+    T = torch_indexer._ROWS_PER_BLOCK // Hi
+    g = torch.Generator().manual_seed(3)
+    q, w, k = torch.randn(1, T, Hi, 16, generator=g), torch.randn(1, T, Hi, generator=g), torch.randn(1, 1100, 16, generator=g)
+    on = index_scores_tiled(q, w, k)
+    assert shapes == [(512, 16), (512, 16)]          # two whole 512-key tiles; the last 76 keys on torch.mm
+    torch.testing.assert_close(on, index_scores(q, w, k), rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    off = index_scores_tiled(q, w, k)
+    assert len(shapes) == 2
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
