@@ -23,10 +23,9 @@ starts at slot `q_start`; key slot s is allowed for the query at slot q iff s <=
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .onednn import onednn_op as _onednn_linear
 from .reference import allowed_keys, forced_slots
 
 _SCORE_BUDGET_BYTES = 64 * 2**20   # per block of queries: (block, S) float32 scores + their int64 codes
@@ -124,16 +123,6 @@ def _linear_relu():
     None where torch was built without oneDNN or it is switched off (`torch.backends.mkldnn.enabled`):
     then the plain `torch.mm` path runs."""
     return _onednn_linear() if torch.backends.mkldnn.enabled else None
-
-
-@functools.cache
-def _onednn_linear():
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def order_codes(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

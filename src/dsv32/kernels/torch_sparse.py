@@ -17,7 +17,7 @@ Two forward paths, chosen per call by `_forward`:
   the Zen 5 core this was measured on, a 2048^3 fp32 matmul is ~85-93 GFLOP/s through torch.mm
   and ~190 through oneDNN (which uses AVX-512 there). oneDNN is reached through the op torch's
   own CPU compiler calls, `torch.ops.mkldnn._linear_pointwise` (X W^T, W laid out afresh by
-  oneDNN on every call): the scores are q g^T; the output P g is P (g^T)^T with g^T passed as
+  oneDNN on every call; see `onednn.py`): the scores are q g^T; the output P g is P (g^T)^T with g^T passed as
   a transposed view, which that layout pass absorbs. It computes all C columns, the d_r rope
   columns being ~12% extra work: less than copying the first dv columns out (measured at
   H=128, k=2048: 1.41 ms, against 1.48 with the copy and 1.95 for a 1x1 convolution). Each row attends over its valid slots (not -1) rounded up to a
@@ -31,12 +31,12 @@ Shapes are those of `reference.py`. Math in float32; results cast back to q's dt
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from .layout import unit_stride_rows
+from .onednn import onednn_op as _onednn_inner
 
 _LOG2E = 1.0 / math.log(2.0)
 _BUDGET_BYTES = 2 * 2**20  # per-block work buffers: about one core's L2 cache
@@ -55,17 +55,6 @@ def _block_size(T: int, H: int, K: int, C: int, backward: bool = False) -> int:
     H=4, K=256, C=80: 48 MB blocks 250-300 ms, 2 MB blocks 80 ms at T=2K)."""
     per_query = 4 * (K * C + H * K) * (2 if backward else 1)
     return int(max(1, min(T, _BUDGET_BYTES // max(1, per_query))))
-
-
-@functools.cache
-def _onednn_inner():
-    """oneDNN's inner product X W^T from torch's ops, or None where this build lacks it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def _choose_path(q: torch.Tensor, K: int) -> str:
