@@ -43,28 +43,9 @@ import time
 
 import torch
 
-from common import D_I, D_N, D_V, H_I, R_KV, D_R, build_layer
+from common import D_I, D_N, D_V, H_I, R_KV, D_R, build_layer, matmul_peak, onednn_matmul_peak
 
 clock = time.perf_counter          # --cpu-time: time.thread_time (one thread; ignores time descheduled)
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> tuple[float, float]:
-    """fp32 GFLOP/s of an n^3 matmul, best of `reps`, on `clock`: torch's `a @ b` (MKL here) and
-    oneDNN's linear (0 where torch lacks oneDNN). On the AMD EPYC CPUs we measured, oneDNN ran
-    ~2x MKL, so the per-part limits use the higher of the two."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    ops = {"mm": lambda: a @ b}
-    if torch.backends.mkldnn.is_available():
-        ops["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], "")
-    best = {name: float("inf") for name in ops}
-    for name, fn in ops.items():
-        fn()
-        for _ in range(reps):
-            t = clock()
-            fn()
-            best[name] = min(best[name], clock() - t)
-    rate = {name: 2 * n ** 3 / sec / 1e9 for name, sec in best.items()}
-    return rate["mm"], rate.get("onednn", 0.0)
 
 
 @torch.no_grad()
@@ -213,7 +194,8 @@ def main() -> None:
         torch.set_num_threads(1)
     H, k = args.heads, args.topk
     C = R_KV + D_R
-    peak_mm, peak_dnn = matmul_peak()
+    # the per-part limits use the higher peak: oneDNN ran ~2x MKL (torch.mm) on the AMD CPUs we measured
+    peak_mm, peak_dnn = matmul_peak(clock=clock), onednn_matmul_peak(clock=clock) or 0.0
     peak = max(peak_mm, peak_dnn)
     print(f"fp32 matmul peak: {peak_mm:.1f} GFLOP/s torch.mm, {peak_dnn:.1f} oneDNN; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; "

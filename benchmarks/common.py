@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from dsv32.kernels.onednn import onednn_op
+
 R_KV, D_R, D_N, D_V, H_I, D_I, R_Q = 512, 64, 128, 128, 64, 128, 1536
 
 
@@ -38,11 +40,8 @@ def onednn_matmul_peak(n: int = 2048, reps: int = 5, clock=time.perf_counter) ->
     """fp32 GFLOP/s of an n^3 product through oneDNN (the inner-product op torch's CPU compiler
     calls), best of `reps`; None where this torch build has no oneDNN. On AMD processors MKL
     (torch.mm) runs its AVX2 code and oneDNN its AVX-512 code, so this can be ~2x `matmul_peak`."""
-    try:
-        inner = torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
-    if not torch.backends.mkldnn.is_available():
+    inner = onednn_op()
+    if inner is None:
         return None
     a, b = torch.randn(n, n), torch.randn(n, n)
     inner(a, b, None, "none", [], "")
