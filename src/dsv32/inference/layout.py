@@ -41,7 +41,7 @@ def decode_layout(model: nn.Module) -> nn.Module:
         if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] in _PER_HEAD_VIEWS:
             continue
         w = module.weight
-        if id(w) in embedded or w.dim() != 2 or is_column_major(w):
+        if id(w) in embedded or is_column_major(w):
             continue
         w.data = w.data.t().contiguous().t()
     return model

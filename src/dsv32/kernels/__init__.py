@@ -117,9 +117,9 @@ def select_topk(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk: int, q_
     window/sink slots first, then the top-k best first. `ordered=False` lets the selector
     return each row's top-k in any order (the same set; the torch selector then skips sorting
     the winners) -- for a caller that reads the selection as a set."""
-    name = resolve_selector(backend, q.device)
-    extra = {} if ordered or name != "torch" else {"ordered": False}
-    return _SELECTORS[name](q, w, k, topk, q_start=q_start, key_valid=key_valid, window=window, sink=sink, **extra)
+    selector = _SELECTORS[resolve_selector(backend, q.device)]
+    extra = {} if ordered or selector is not select_topk_torch else {"ordered": False}
+    return selector(q, w, k, topk, q_start=q_start, key_valid=key_valid, window=window, sink=sink, **extra)
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int,

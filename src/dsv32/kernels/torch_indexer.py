@@ -91,13 +91,9 @@ def _index_scores_key_major(q, w, k, out):
     the caches while ReLU and the head sum read it (8 MiB measured ~10% slower)."""
     B, T, Hi, d = q.shape
     S = k.shape[1]
-    fused = _linear_relu() if q.device.type == "cpu" else None
     fused_tile = _FUSED_TILE_BYTES // (4 * T * Hi)
-    if fused is None or S < fused_tile:
-        fused = None                          # see the docstring: oneDNN only over whole tiles
-        tile = max(1, min(S, _DECODE_TILE_BYTES // (4 * T * Hi)))
-    else:
-        tile = fused_tile
+    fused = _linear_relu() if q.device.type == "cpu" and S >= fused_tile else None   # whole tiles only
+    tile = fused_tile if fused is not None else max(1, min(S, _DECODE_TILE_BYTES // (4 * T * Hi)))
     buf = torch.empty(tile * T * Hi, dtype=torch.float32, device=q.device)
     for b in range(B):
         q2, wb = q[b].reshape(T * Hi, d).float().contiguous(), w[b].float()
